@@ -1,0 +1,174 @@
+"""Multi-scale deformable attention: custom op registration, autograd and backend choice.
+
+Layers: compiled kernels (csrc/, loaded by ``build.load_extension``) -> ``torch.library`` custom ops
+``maskformers::ms_deform_attn`` and ``maskformers::ms_deform_attn_backward`` with fake (meta)
+implementations and autograd -> the functional ``ms_deform_attn`` that checks inputs and picks a backend.
+
+Contract of the custom ops (the functional prepares it): value (B, S, H, D) contiguous in float32,
+float64, bfloat16 or float16; spatial_shapes (L, 2) and level_start_index (L,) int64 on the CPU;
+sampling_locations and attention_weights contiguous in ``coord_dtype(value.dtype)`` (float64 for
+float64 values, else float32) on value's device.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+from . import build
+from .reference import ms_deform_attn_reference
+from .validation import check_inputs, check_level_values, coord_dtype
+
+__all__ = ["ms_deform_attn", "resolve_backend", "BACKENDS", "STRICT_ENV"]
+
+BACKENDS = ("native", "reference")
+STRICT_ENV = "MASKFORMERS_STRICT_OPS"
+
+
+# ----------------------------------------------------------------------------------------------
+# custom ops
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("maskformers::ms_deform_attn", mutates_args=())
+def _native_forward(
+    value: torch.Tensor,
+    spatial_shapes: torch.Tensor,
+    level_start_index: torch.Tensor,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+) -> torch.Tensor:
+    check_level_values(spatial_shapes, level_start_index, value.shape[1])
+    ext = build.load_extension(value.device.type)
+    return ext.forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+
+
+@_native_forward.register_fake
+def _native_forward_fake(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    B, _, H, D = value.shape
+    return value.new_empty(B, sampling_locations.shape[1], H * D)
+
+
+@torch.library.custom_op("maskformers::ms_deform_attn_backward", mutates_args=())
+def _native_backward(
+    value: torch.Tensor,
+    spatial_shapes: torch.Tensor,
+    level_start_index: torch.Tensor,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+    grad_output: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    check_level_values(spatial_shapes, level_start_index, value.shape[1])
+    ext = build.load_extension(value.device.type)
+    grad_value, grad_locations, grad_weights = ext.backward(
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_output
+    )
+    return grad_value, grad_locations, grad_weights
+
+
+@_native_backward.register_fake
+def _native_backward_fake(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_output):
+    return torch.empty_like(value), torch.empty_like(sampling_locations), torch.empty_like(attention_weights)
+
+
+def _setup_context(ctx, inputs, output):
+    value, spatial_shapes, level_start_index, sampling_locations, attention_weights = inputs
+    ctx.save_for_backward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+
+
+def _backward(ctx, grad_output):
+    value, spatial_shapes, level_start_index, sampling_locations, attention_weights = ctx.saved_tensors
+    grad_value, grad_locations, grad_weights = _native_backward(
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_output.contiguous()
+    )
+    return grad_value, None, None, grad_locations, grad_weights
+
+
+_native_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# backend choice
+# ----------------------------------------------------------------------------------------------
+
+_warned_fallback: set[str] = set()
+
+
+@torch.compiler.assume_constant_result
+def _native_reason(device_type: str) -> str:
+    """Empty string when the native kernel for ``device_type`` loads, else why it does not."""
+    try:
+        build.load_extension(device_type)
+    except build.NativeOpUnavailable as exc:
+        return str(exc)
+    return ""
+
+
+def resolve_backend(backend: str | None, device: torch.device) -> str:
+    """The backend that will run for tensors on ``device``: ``backend`` itself, or the choice for None.
+
+    ``None`` picks "native" when its kernel loads for that device type, else "reference" with one
+    warning per device type saying why; with ``MASKFORMERS_STRICT_OPS=1`` that fallback is an error.
+    Asking for "native" explicitly never falls back.
+    """
+    if backend not in (None, *BACKENDS):
+        raise ValueError(f"backend must be None, 'native' or 'reference', got {backend!r}")
+    if backend == "reference":
+        return backend
+    reason = _native_reason(device.type)
+    if not reason:
+        return "native"
+    if backend == "native":
+        raise RuntimeError(f"ms_deform_attn backend='native' is unavailable on {device.type}: {reason}")
+    if os.environ.get(STRICT_ENV, "") not in ("", "0"):
+        raise RuntimeError(
+            f"ms_deform_attn: the native kernel is unavailable on {device.type} and {STRICT_ENV} is set, "
+            f"so there is no fallback to the reference implementation. Reason: {reason}"
+        )
+    if device.type not in _warned_fallback:
+        _warned_fallback.add(device.type)
+        warnings.warn(
+            f"maskformers ms_deform_attn: native kernel unavailable on {device.type} ({reason}); "
+            "running the pure-PyTorch reference instead (slower, more memory). "
+            f"Set {STRICT_ENV}=1 to make this an error.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return "reference"
+
+
+def ms_deform_attn(
+    value: torch.Tensor,
+    spatial_shapes: torch.Tensor,
+    level_start_index: torch.Tensor,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Multi-scale deformable attention (Deformable-DETR convention).
+
+    value (B, S, H, D) with S = sum of h*w over levels; spatial_shapes (L, 2) int64 rows (h, w);
+    level_start_index (L,) int64; sampling_locations (B, Q, H, L, P, 2) normalized (x, y) in [0, 1]
+    (outside is allowed and reads zeros, as grid_sample with align_corners=False and zero padding);
+    attention_weights (B, Q, H, L, P). Returns (B, Q, H*D) in value's dtype.
+
+    backend: None (native kernel when available for the tensors' device, else the reference with a
+    warning), "native" or "reference". The native kernels accumulate in float32 (float64 for float64
+    inputs) and keep sampling coordinates in float32 for 16-bit values.
+    """
+    check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    if resolve_backend(backend, value.device) == "reference":
+        return ms_deform_attn_reference(
+            value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+        )
+    cdt = coord_dtype(value.dtype)
+    return _native_forward(
+        value.contiguous(),
+        spatial_shapes.to(device="cpu", dtype=torch.int64),
+        level_start_index.to(device="cpu", dtype=torch.int64),
+        sampling_locations.to(cdt).contiguous(),
+        attention_weights.to(cdt).contiguous(),
+    )
