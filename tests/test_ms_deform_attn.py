@@ -1,0 +1,281 @@
+"""API-level tests of maskformers.ops.ms_deform_attn: validation, backend choice, custom-op plumbing.
+
+Numerical agreement of the native kernels with the reference is in test_ms_deform_attn_native.py.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from maskformers.ops import ms_deform_attn, ms_deform_attn_reference, resolve_backend
+from maskformers.ops import build
+import maskformers.ops.functional as msda_impl
+
+
+def make_inputs(
+    shapes=((3, 4), (1, 1), (7, 5)), batch=2, queries=6, heads=2, head_dim=5, points=3,
+    dtype=torch.float64, seed=0,
+):
+    g = torch.Generator().manual_seed(seed)
+    spatial_shapes = torch.tensor(shapes, dtype=torch.int64)
+    areas = spatial_shapes.prod(1)
+    level_start_index = torch.cat([areas.new_zeros(1), areas.cumsum(0)[:-1]])
+    S, L = int(areas.sum()), len(shapes)
+    value = torch.randn(batch, S, heads, head_dim, generator=g, dtype=dtype)
+    locations = torch.rand(batch, queries, heads, L, points, 2, generator=g, dtype=dtype) * 1.4 - 0.2
+    weights = torch.rand(batch, queries, heads, L, points, generator=g, dtype=dtype)
+    return value, spatial_shapes, level_start_index, locations, weights
+
+
+def naive_msda(value, spatial_shapes, level_start_index, locations, weights):
+    """Loop-by-loop bilinear sampling in float64, independent of grid_sample."""
+    B, S, H, D = value.shape
+    _, Q, _, L, P, _ = locations.shape
+    out = torch.zeros(B, Q, H, D, dtype=torch.float64)
+    v = value.double()
+    for b in range(B):
+        for q in range(Q):
+            for h in range(H):
+                for lvl in range(L):
+                    hl, wl = (int(t) for t in spatial_shapes[lvl])
+                    start = int(level_start_index[lvl])
+                    for p in range(P):
+                        x = float(locations[b, q, h, lvl, p, 0]) * wl - 0.5
+                        y = float(locations[b, q, h, lvl, p, 1]) * hl - 0.5
+                        x0, y0 = math.floor(x), math.floor(y)
+                        acc = torch.zeros(D, dtype=torch.float64)
+                        for yy, xx, wgt in ((y0, x0, (y0 + 1 - y) * (x0 + 1 - x)), (y0, x0 + 1, (y0 + 1 - y) * (x - x0)),
+                                            (y0 + 1, x0, (y - y0) * (x0 + 1 - x)), (y0 + 1, x0 + 1, (y - y0) * (x - x0))):
+                            if 0 <= yy < hl and 0 <= xx < wl:
+                                acc += wgt * v[b, start + yy * wl + xx, h]
+                        out[b, q, h] += float(weights[b, q, h, lvl, p]) * acc
+    return out.view(B, Q, H * D)
+
+
+def native_reason(device_type="cpu"):
+    try:
+        build.load_extension(device_type)
+    except build.NativeOpUnavailable as exc:
+        return str(exc)
+    return ""
+
+
+needs_native_cpu = pytest.mark.skipif(bool(native_reason()), reason="native CPU kernel unavailable")
+
+
+# ----------------------------------------------------------------------------------------------
+# reference semantics
+# ----------------------------------------------------------------------------------------------
+
+
+def test_reference_matches_loop_implementation():
+    inputs = make_inputs()
+    torch.testing.assert_close(ms_deform_attn_reference(*inputs), naive_msda(*inputs), rtol=1e-12, atol=1e-12)
+
+
+def test_reference_single_level_equals_grid_sample_of_the_map():
+    # one point with weight 1 at every pixel centre reproduces the value map exactly
+    h, w, D = 4, 6, 3
+    value = torch.randn(1, h * w, 1, D, dtype=torch.float64)
+    ys, xs = torch.meshgrid(
+        (torch.arange(h, dtype=torch.float64) + 0.5) / h, (torch.arange(w, dtype=torch.float64) + 0.5) / w, indexing="ij"
+    )
+    loc = torch.stack([xs, ys], -1).reshape(1, h * w, 1, 1, 1, 2)
+    out = ms_deform_attn_reference(
+        value, torch.tensor([[h, w]]), torch.tensor([0]), loc, torch.ones(1, h * w, 1, 1, 1, dtype=torch.float64)
+    )
+    torch.testing.assert_close(out, value.view(1, h * w, D), rtol=0, atol=1e-14)
+
+
+# ----------------------------------------------------------------------------------------------
+# validation: every bad input raises a clear error naming the argument
+# ----------------------------------------------------------------------------------------------
+
+
+def _replace(inputs, index, new):
+    inputs = list(inputs)
+    inputs[index] = new
+    return inputs
+
+
+BAD_INPUTS = [
+    ("value rank", lambda i: _replace(i, 0, i[0][0]), ValueError, "expected value (B, S, H, D)"),
+    ("value int", lambda i: _replace(i, 0, i[0].long()), TypeError, "value must be float32"),
+    ("shapes rank", lambda i: _replace(i, 1, i[1].flatten()), ValueError, "expected spatial_shapes (L, 2)"),
+    ("shapes float", lambda i: _replace(i, 1, i[1].double()), TypeError, "spatial_shapes must be int64"),
+    ("start len", lambda i: _replace(i, 2, i[2][:2]), ValueError, "level_start_index (3,)"),
+    ("loc rank", lambda i: _replace(i, 3, i[3][..., 0]), ValueError, "expected sampling_locations (B, Q, H, L, P, 2)"),
+    ("loc batch", lambda i: _replace(i, 3, i[3][:1]), ValueError, "got B=1"),
+    ("loc heads", lambda i: _replace(i, 3, i[3][:, :, :1]), ValueError, "H=1"),
+    ("loc levels", lambda i: _replace(i, 3, i[3][:, :, :, :2]), ValueError, "L=2"),
+    ("weights shape", lambda i: _replace(i, 4, i[4][..., :2]), ValueError, "expected attention_weights (B, Q, H, L, P)"),
+    ("weights int", lambda i: _replace(i, 4, i[4].long()), TypeError, "attention_weights must be a floating-point"),
+    ("not a tensor", lambda i: _replace(i, 1, [[3, 4], [1, 1], [7, 5]]), TypeError, "spatial_shapes must be a torch.Tensor"),
+    ("meta device", lambda i: _replace(i, 3, i[3].to("meta")), ValueError, "sampling_locations is on meta"),
+]
+
+BAD_VALUES = [
+    ("sum h*w", lambda i: _replace(i, 1, torch.tensor([[3, 4], [1, 1], [7, 6]])), "sum(h*w) = 55 positions but value has S = 48"),
+    ("zero level", lambda i: _replace(i, 1, torch.tensor([[0, 4], [1, 1], [7, 5]])), "spatial_shapes[0] = (0, 4)"),
+    ("negative", lambda i: _replace(i, 1, torch.tensor([[-3, -4], [1, 1], [7, 5]])), "spatial_shapes[0] = (-3, -4)"),
+    ("starts", lambda i: _replace(i, 2, torch.tensor([0, 12, 14])), "level_start_index [0, 12, 14] is inconsistent"),
+]
+
+
+@pytest.mark.parametrize("backend", ["reference", "native"])
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_bad_metadata_raises(case, backend):
+    _, mutate, exc, message = case
+    with pytest.raises(exc, match=re.escape(message)):
+        ms_deform_attn(*mutate(make_inputs()), backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("native", marks=needs_native_cpu)])
+@pytest.mark.parametrize("case", BAD_VALUES, ids=[c[0] for c in BAD_VALUES])
+def test_bad_level_table_raises(case, backend):
+    _, mutate, message = case
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ms_deform_attn(*mutate(make_inputs()), backend=backend)
+
+
+
+
+def test_unknown_backend_raises():
+    with pytest.raises(ValueError, match="backend must be None, 'native' or 'reference', got 'cuda'"):
+        ms_deform_attn(*make_inputs(), backend="cuda")
+
+
+# ----------------------------------------------------------------------------------------------
+# backend choice and fallback
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def native_broken(monkeypatch):
+    def fail(device_type):
+        raise build.NativeOpUnavailable("simulated: compiler missing")
+
+    monkeypatch.setattr(build, "load_extension", fail)
+    monkeypatch.setattr(msda_impl, "_warned_fallback", set())
+    monkeypatch.delenv(msda_impl.STRICT_ENV, raising=False)
+    return monkeypatch
+
+
+def test_fallback_warns_once_with_reason_and_matches_reference(native_broken):
+    inputs = make_inputs()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out1 = ms_deform_attn(*inputs)
+        out2 = ms_deform_attn(*inputs)
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1
+    assert "simulated: compiler missing" in messages[0] and "reference" in messages[0]
+    torch.testing.assert_close(out1, ms_deform_attn_reference(*inputs), rtol=0, atol=0)
+    torch.testing.assert_close(out2, out1, rtol=0, atol=0)
+
+
+def test_strict_mode_turns_fallback_into_error(native_broken):
+    native_broken.setenv(msda_impl.STRICT_ENV, "1")
+    with pytest.raises(RuntimeError, match="MASKFORMERS_STRICT_OPS is set.*simulated: compiler missing"):
+        ms_deform_attn(*make_inputs())
+    # asking for the reference explicitly is not a fallback
+    ms_deform_attn(*make_inputs(), backend="reference")
+
+
+def test_explicit_native_never_falls_back(native_broken):
+    with pytest.raises(RuntimeError, match="backend='native' is unavailable on cpu: simulated"):
+        ms_deform_attn(*make_inputs(), backend="native")
+
+
+@needs_native_cpu
+def test_none_picks_native_when_available():
+    assert resolve_backend(None, torch.device("cpu")) == "native"
+
+
+# ----------------------------------------------------------------------------------------------
+# native custom op plumbing
+# ----------------------------------------------------------------------------------------------
+
+
+@needs_native_cpu
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_non_contiguous_inputs_give_correct_results(dtype):
+    value, shapes, starts, loc, w = make_inputs(dtype=dtype, head_dim=4)
+    # build non-contiguous views holding the same numbers
+    value_nc = value.transpose(2, 3).contiguous().transpose(2, 3)
+    loc_nc = loc.flip(-1).contiguous().flip(-1)
+    w_nc = torch.cat([w, w], dim=-1)[..., : w.shape[-1]]
+    assert not (value_nc.is_contiguous() or w_nc.is_contiguous())
+    out = ms_deform_attn(value_nc, shapes, starts, loc_nc, w_nc, backend="native")
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(out, naive_msda(value, shapes, starts, loc, w).to(dtype), rtol=tol, atol=tol)
+
+
+@needs_native_cpu
+def test_low_precision_locations_and_weights_are_accepted():
+    value, shapes, starts, loc, w = make_inputs(dtype=torch.float32)
+    out = ms_deform_attn(value.bfloat16(), shapes, starts, loc.bfloat16(), w.half(), backend="native")
+    assert out.dtype == torch.bfloat16
+    ref = naive_msda(value.bfloat16().float(), shapes, starts, loc.bfloat16().float(), w.half().float())
+    torch.testing.assert_close(out.double(), ref, rtol=2e-2, atol=2e-2)
+
+
+@needs_native_cpu
+def test_empty_batch_and_queries():
+    value, shapes, starts, loc, w = make_inputs()
+    out = ms_deform_attn(value[:0], shapes, starts, loc[:0], w[:0], backend="native")
+    assert out.shape == (0, loc.shape[1], value.shape[2] * value.shape[3])
+    out = ms_deform_attn(value, shapes, starts, loc[:, :0], w[:, :0], backend="native")
+    assert out.shape == (value.shape[0], 0, value.shape[2] * value.shape[3])
+
+
+@needs_native_cpu
+def test_spatial_shapes_given_as_int32():
+    value, shapes, starts, loc, w = make_inputs()
+    out = ms_deform_attn(value, shapes.int(), starts.int(), loc, w, backend="native")
+    torch.testing.assert_close(out, ms_deform_attn_reference(value, shapes, starts, loc, w), rtol=1e-12, atol=1e-12)
+
+
+@needs_native_cpu
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_opcheck(dtype):
+    value, shapes, starts, loc, w = make_inputs(dtype=dtype)
+    for t in (value, loc, w):
+        t.requires_grad_(True)
+    torch.library.opcheck(torch.ops.maskformers.ms_deform_attn.default, (value, shapes, starts, loc, w))
+    grad = torch.randn(value.shape[0], loc.shape[1], value.shape[2] * value.shape[3], dtype=dtype)
+    torch.library.opcheck(
+        torch.ops.maskformers.ms_deform_attn_backward.default,
+        (value.detach(), shapes, starts, loc.detach(), w.detach(), grad),
+    )
+
+
+@needs_native_cpu
+def test_torch_compile_fullgraph_matches_eager():
+    value, shapes, starts, loc, w = make_inputs(dtype=torch.float32)
+
+    def layer(value, offsets, logits):
+        # a miniature MSDeformAttn: locations from offsets, softmax over levels*points, then the op
+        B, Q, H, L, P = logits.shape
+        weights = logits.flatten(-2).softmax(-1).view(B, Q, H, L, P)
+        out = ms_deform_attn(value, shapes, starts, (loc + offsets).clamp(-0.5, 1.5), weights)
+        return F.relu(out).sum()
+
+    offsets = torch.randn_like(loc) * 0.01
+    logits = torch.randn_like(w)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    args = [t.clone().requires_grad_(True) for t in (value, offsets, logits)]
+    args_c = [t.clone().requires_grad_(True) for t in (value, offsets, logits)]
+    eager = layer(*args)
+    eager.backward()
+    comp = compiled(*args_c)
+    comp.backward()
+    torch.testing.assert_close(comp, eager)
+    for a, b in zip(args_c, args):
+        torch.testing.assert_close(a.grad, b.grad)
