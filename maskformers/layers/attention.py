@@ -1,0 +1,66 @@
+"""Multi-head attention on ``F.scaled_dot_product_attention``, batch-first, separate q/k/v projections.
+
+Masks broadcast instead of being repeated per head: pass a boolean ``attn_mask`` of shape
+(B, 1, Q, S) (True = may attend, the SDPA convention) or an additive float mask of the same shape,
+and every head shares it without a (B*H, Q, S) copy.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["MultiHeadAttention"]
+
+
+class MultiHeadAttention(nn.Module):
+    """Scaled dot-product attention with ``num_heads`` heads.
+
+    Parameters: ``q_proj``, ``k_proj``, ``v_proj``, ``out_proj`` (Linear C -> C, with bias). A packed
+    ``nn.MultiheadAttention.in_proj_weight`` (3C, C) splits row-wise into q, k, v in that order.
+    """
+
+    def __init__(self, *, embed_dim: int, num_heads: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim must be divisible by num_heads, got embed_dim={embed_dim}, num_heads={num_heads}")
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.dropout = dropout
+        self.q_proj = nn.Linear(embed_dim, embed_dim)
+        self.k_proj = nn.Linear(embed_dim, embed_dim)
+        self.v_proj = nn.Linear(embed_dim, embed_dim)
+        self.out_proj = nn.Linear(embed_dim, embed_dim)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, _ = x.shape
+        return x.view(B, N, self.num_heads, self.embed_dim // self.num_heads).transpose(1, 2)  # (B, H, N, D)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """query (B, Q, C), key and value (B, S, C); attn_mask broadcastable to (B, H, Q, S), bool
+        (True = attend) or additive float. Returns (B, Q, C)."""
+        if query.dim() != 3 or query.shape[-1] != self.embed_dim:
+            raise ValueError(f"expected query (B, Q, {self.embed_dim}), got {tuple(query.shape)}")
+        if key.shape != value.shape or key.dim() != 3 or key.shape[0] != query.shape[0] or key.shape[-1] != self.embed_dim:
+            raise ValueError(
+                f"expected key and value (B={query.shape[0]}, S, {self.embed_dim}), got key {tuple(key.shape)} "
+                f"and value {tuple(value.shape)}"
+            )
+        B, Q, C = query.shape
+        q = self._heads(self.q_proj(query))
+        k = self._heads(self.k_proj(key))
+        v = self._heads(self.v_proj(value))
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
+        )  # (B, H, Q, D)
+        return self.out_proj(out.transpose(1, 2).reshape(B, Q, C))
+
+    def extra_repr(self) -> str:
+        return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, dropout={self.dropout}"
