@@ -1,15 +1,476 @@
-"""Build and load the native ms_deform_attn kernels (placeholder: filled in by the kernel work)."""
+"""Build and load the native ms_deform_attn kernels: a C++ CPU extension and a CUDA extension.
+
+Nothing is compiled at import. ``load_extension(device_type)`` compiles on first use with
+``torch.utils.cpp_extension`` (ninja) into a cache directory keyed by the torch version, CUDA version,
+Python ABI, compiler, flags and a hash of the sources, then imports the module; later processes import
+the cached module directly. Every reason the native kernel cannot be had (no compiler, no ninja, a
+CPU-only torch, no CUDA toolkit, a compile error) is raised as ``NativeOpUnavailable`` with a message
+that says what is missing.
+
+    python -m maskformers.ops.build [--device cpu|cuda|all] [--rebuild]
+
+prebuilds and reports. Environment: ``MASKFORMERS_OPS_CACHE`` (cache root, default
+``$XDG_CACHE_HOME/maskformers/ops``), ``CUDA_HOME``/``CUDA_PATH``, ``TORCH_CUDA_ARCH_LIST``, ``CXX``, ``MAX_JOBS``.
+"""
 
 from __future__ import annotations
 
+import argparse
+import glob
+import hashlib
+import importlib.util
+import logging
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
 from types import ModuleType
 
-__all__ = ["NativeOpUnavailable", "load_extension"]
+import torch
+
+__all__ = [
+    "DEVICE_TYPES",
+    "NativeOpUnavailable",
+    "BuildPlan",
+    "build_plan",
+    "cache_root",
+    "find_cuda_home",
+    "is_built",
+    "load_extension",
+    "main",
+    "source_dir",
+]
+
+DEVICE_TYPES = ("cpu", "cuda")
+CACHE_ENV = "MASKFORMERS_OPS_CACHE"
+_HEADERS = ("ms_deform_attn_math.h", "ms_deform_attn_checks.h")
+_SOURCES = {
+    "cpu": ("ms_deform_attn_cpu.cpp",),
+    "cuda": ("ms_deform_attn_cuda.cu", "ms_deform_attn_cuda_bind.cpp"),
+}
+_MARKER = "BUILD_OK"
+_LOG_TAIL_LINES = 40
 
 
 class NativeOpUnavailable(RuntimeError):
     """The native kernel for a device type cannot be built or loaded; the message says why."""
 
 
+@dataclass(frozen=True)
+class BuildPlan:
+    """Everything one build needs; ``directory`` is unique for the inputs that affect the binary."""
+
+    device_type: str
+    name: str
+    directory: Path
+    sources: tuple[Path, ...]
+    include_dir: Path
+    cflags: tuple[str, ...]
+    cuda_cflags: tuple[str, ...] = ()
+    ldflags: tuple[str, ...] = ()
+    cuda_home: Path | None = None
+    description: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def library(self) -> Path:
+        return self.directory / f"{self.name}.so"
+
+
+# ----------------------------------------------------------------------------------------------
+# locating sources, toolchains and the cache
+# ----------------------------------------------------------------------------------------------
+
+
+def source_dir() -> Path:
+    """Folder holding the C++/CUDA sources: ``maskformers/ops/_csrc`` inside an installed wheel (a link
+    to the repository's ``csrc/`` in a checkout), else ``csrc/`` at the repository root."""
+    here = Path(__file__).resolve().parent
+    candidates = [here / "_csrc", here.parent.parent / "csrc"]
+    needed = _HEADERS + _SOURCES["cpu"] + _SOURCES["cuda"]
+    for folder in candidates:
+        if all((folder / name).is_file() for name in needed):
+            return folder.resolve()
+    raise NativeOpUnavailable(
+        "the C++/CUDA sources of ms_deform_attn were not found (looked for "
+        f"{', '.join(needed)} in {', '.join(str(c) for c in candidates)}); reinstall maskformers"
+    )
+
+
+def cache_root() -> Path:
+    """Root folder of the build cache (``$MASKFORMERS_OPS_CACHE`` or ``$XDG_CACHE_HOME/maskformers/ops``)."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(xdg) / "maskformers" / "ops"
+
+
+def _is_toolkit_root(path: Path) -> bool:
+    if not (path / "bin" / "nvcc").is_file():
+        return False
+    lib_dirs = ("lib64", "lib", "targets/x86_64-linux/lib", "targets/sbsa-linux/lib")
+    return any((path / d / "libcudart.so").exists() for d in lib_dirs)
+
+
+def _toolkit_from_nvcc(nvcc: str) -> Path | None:
+    """The toolkit root behind an nvcc on PATH, also when that nvcc is a symlink or a wrapper script."""
+    real = Path(os.path.realpath(nvcc))
+    if _is_toolkit_root(real.parent.parent):
+        return real.parent.parent
+    try:  # a small shell wrapper that execs the real nvcc: read the absolute paths it names
+        if real.stat().st_size < 64 * 1024:
+            text = real.read_text(errors="ignore")
+            for match in re.findall(r"(/[^\s'\"]+)/bin/nvcc\b", text):
+                if _is_toolkit_root(Path(match)):
+                    return Path(match)
+    except OSError:
+        pass
+    try:  # whatever the wrapper does, the real driver reports its own folder in a dry run
+        proc = subprocess.run(
+            [nvcc, "-dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+            capture_output=True, text=True, timeout=60,
+        )
+        match = re.search(r"_HERE_=(\S+)", proc.stdout + proc.stderr)
+        if match and _is_toolkit_root(Path(match.group(1)).parent):
+            return Path(match.group(1)).parent.resolve()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return None
+
+
+def find_cuda_home() -> tuple[Path | None, str]:
+    """(toolkit root, how it was found) or (None, why not). ``CUDA_HOME``/``CUDA_PATH`` win when set."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        value = os.environ.get(var)
+        if value:
+            path = Path(value).expanduser()
+            if (path / "bin" / "nvcc").is_file():
+                return path, f"{var}={value}"
+            return None, f"{var}={value} has no bin/nvcc"
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        root = _toolkit_from_nvcc(nvcc)
+        if root is not None:
+            return root, f"nvcc on PATH ({nvcc})"
+    cuda_version = torch.version.cuda or ""
+    common = [f"/usr/local/cuda-{cuda_version}", "/usr/local/cuda", "/opt/cuda", *sorted(glob.glob("/usr/local/cuda-*"))]
+    for candidate in common:
+        if candidate and _is_toolkit_root(Path(candidate)):
+            return Path(candidate), f"found at {candidate}"
+    looked = f"nvcc on PATH: {nvcc or 'none'}; " + ", ".join(dict.fromkeys(c for c in common if c))
+    return None, f"no CUDA toolkit found (set CUDA_HOME to the folder with bin/nvcc; looked at {looked})"
+
+
+def _run_version(cmd: list[str]) -> str:
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"unavailable ({exc})"
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    return lines[0].strip() if lines else "unknown"
+
+
+def nvcc_version(cuda_home: Path) -> str:
+    """Release of the nvcc in ``cuda_home`` as "major.minor", or "" when it cannot be read."""
+    try:
+        out = subprocess.run([str(cuda_home / "bin" / "nvcc"), "--version"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    match = re.search(r"release (\d+\.\d+)", out.stdout)
+    return match.group(1) if match else ""
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CXX", "c++"))
+
+
+def _host_cpu_id() -> str:
+    """Identity of the host CPU for the cache key of ``-march=native`` builds."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+        fields = [re.search(rf"^{key}\s*:\s*(.*)$", info, re.M) for key in ("model name", "flags", "Features")]
+        return platform.machine() + "|" + "|".join(m.group(1) for m in fields if m)
+    except OSError:
+        return f"{platform.machine()}|{platform.processor()}"
+
+
+def _cpu_flags() -> tuple[list[str], list[str], str]:
+    """(compile flags, link flags, CPU identity folded into the cache key)."""
+    cflags, ldflags, cpu_id = ["-O3"], [], ""
+    if sys.platform.startswith("linux"):
+        if torch.backends.openmp.is_available():  # at::parallel_for runs serially without -fopenmp
+            cflags.append("-fopenmp")
+            ldflags.append("-fopenmp")
+        if platform.machine() in ("x86_64", "AMD64", "aarch64"):
+            cflags.append("-march=native")
+            cpu_id = _host_cpu_id()
+    return cflags, ldflags, cpu_id
+
+
+def _nvcc_archs(cuda_home: Path) -> list[tuple[int, int]]:
+    """Real architectures (sm_XY) this nvcc can compile for; empty when it cannot tell."""
+    try:
+        out = subprocess.run(
+            [str(cuda_home / "bin" / "nvcc"), "--list-gpu-code"], capture_output=True, text=True, timeout=60
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return sorted({(int(m[:-1]), int(m[-1])) for m in re.findall(r"\bsm_(\d+)\b", out)})
+
+
+def _arch_list(cuda_home: Path) -> tuple[list[str], str]:
+    """(nvcc -gencode flags, description). Empty flags leave TORCH_CUDA_ARCH_LIST to torch, which parses it."""
+    env = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if env:
+        return [], f"TORCH_CUDA_ARCH_LIST={env}"
+    supported = _nvcc_archs(cuda_home)
+    caps = sorted({tuple(torch.cuda.get_device_capability(i)) for i in range(torch.cuda.device_count())})
+    if caps:
+        source = "visible GPUs"
+        if supported:  # a GPU newer than this nvcc runs the PTX of the newest architecture it knows
+            caps = sorted({min(cap, supported[-1]) for cap in caps})
+    else:
+        caps = sorted({(int(a[3:-1]), int(a[-1])) for a in torch.cuda.get_arch_list() if re.fullmatch(r"sm_\d+", a)})
+        source = "no GPU visible: the architectures torch was built for"
+        if supported:
+            caps = [cap for cap in caps if cap in supported] or supported[-1:]
+    if not caps:
+        caps, source = [(7, 5), (8, 0), (8, 6), (9, 0)], "built-in default"
+    flags = [f"-gencode=arch=compute_{ma}{mi},code=sm_{ma}{mi}" for ma, mi in caps]
+    ma, mi = caps[-1]
+    flags.append(f"-gencode=arch=compute_{ma}{mi},code=compute_{ma}{mi}")  # PTX for newer GPUs
+    return flags, f"{source}: {';'.join(f'{a}.{b}' for a, b in caps)}+PTX"
+
+
+def _digest(parts: list[str], files: list[Path]) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part.encode() + b"\0")
+    for path in files:
+        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def build_plan(device_type: str) -> BuildPlan:
+    """Resolve sources, toolchain, flags and cache folder for ``device_type``; raise ``NativeOpUnavailable``
+    naming whatever is missing. Runs no compiler (only ``--version`` queries)."""
+    if device_type not in DEVICE_TYPES:
+        raise NativeOpUnavailable(
+            f"no native ms_deform_attn kernel for device type {device_type!r} (native kernels exist for "
+            f"{', '.join(repr(d) for d in DEVICE_TYPES)})"
+        )
+    src = source_dir()
+    compiler = _compiler()
+    if compiler is None:
+        raise NativeOpUnavailable(
+            f"no C++ compiler: {os.environ.get('CXX', 'c++')!r} is not on PATH (install g++ or clang, or set CXX)"
+        )
+    if importlib.util.find_spec("ninja") is None and shutil.which("ninja") is None:
+        raise NativeOpUnavailable("ninja is not installed (pip install ninja); torch builds extensions with it")
+    cuda_tag = f"cu{torch.version.cuda}" if torch.version.cuda else "cpuonly"
+    description = {"compiler": f"{compiler} ({_run_version([compiler, '--version'])})"}
+    key_parts = [torch.__version__, cuda_tag, sys.implementation.cache_tag or "", description["compiler"]]
+    cuda_home, cuda_cflags = None, []
+
+    if device_type == "cpu":
+        cflags, ldflags, cpu_id = _cpu_flags()
+        key_parts += [cpu_id]
+    else:
+        if getattr(torch.version, "hip", None):
+            raise NativeOpUnavailable(f"torch {torch.__version__} is a ROCm build; the CUDA kernel needs a CUDA build")
+        if not torch.version.cuda:
+            raise NativeOpUnavailable(
+                f"torch {torch.__version__} is a CPU-only build (torch.version.cuda is None); install a CUDA build"
+            )
+        cuda_home, how = find_cuda_home()
+        if cuda_home is None:
+            raise NativeOpUnavailable(how)
+        nvcc_release = nvcc_version(cuda_home)
+        if not nvcc_release:
+            raise NativeOpUnavailable(f"cannot run {cuda_home / 'bin' / 'nvcc'} --version (toolkit from {how})")
+        if nvcc_release.split(".")[0] != torch.version.cuda.split(".")[0]:
+            raise NativeOpUnavailable(
+                f"nvcc {nvcc_release} in {cuda_home} ({how}) does not match the CUDA {torch.version.cuda} "
+                "torch was built with; point CUDA_HOME at a matching toolkit"
+            )
+        arch_flags, arch_desc = _arch_list(cuda_home)
+        cflags, ldflags = ["-O3"], []
+        cuda_cflags = ["-O3", *arch_flags]
+        description.update(cuda_home=f"{cuda_home} ({how})", nvcc=nvcc_release, architectures=arch_desc)
+        key_parts += [str(cuda_home), nvcc_release, arch_desc]
+
+    files = [src / name for name in (*_HEADERS, *_SOURCES[device_type])]
+    digest = _digest(key_parts + cflags + cuda_cflags + ldflags, files)
+    folder = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{device_type}-torch{torch.__version__}-{cuda_tag}-{digest[:16]}")
+    description["cflags"] = " ".join(cflags + cuda_cflags)
+    return BuildPlan(
+        device_type=device_type,
+        name=f"maskformers_msda_{device_type}_{digest[:12]}",
+        directory=cache_root() / folder,
+        sources=tuple(src / name for name in _SOURCES[device_type]),
+        include_dir=src,
+        cflags=tuple(cflags),
+        cuda_cflags=tuple(cuda_cflags),
+        ldflags=tuple(ldflags),
+        cuda_home=cuda_home,
+        description=description,
+    )
+
+
+def is_built(plan: BuildPlan) -> bool:
+    """A finished build for this plan is in the cache."""
+    return (plan.directory / _MARKER).is_file() and plan.library.is_file()
+
+
+# ----------------------------------------------------------------------------------------------
+# building and loading
+# ----------------------------------------------------------------------------------------------
+
+
+def _import_library(plan: BuildPlan) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(plan.name, plan.library)
+    if spec is None or spec.loader is None:
+        raise NativeOpUnavailable(f"cannot import {plan.library}")
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except ImportError as exc:
+        raise NativeOpUnavailable(
+            f"the cached {plan.device_type} kernel {plan.library} does not import ({exc}); "
+            f"delete {plan.directory} to rebuild"
+        ) from exc
+    return module
+
+
+def _cpp_extension():
+    # torch logs a warning about CUDA_HOME on import when no GPU is present; it is not ours to show
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        import torch.utils.cpp_extension as cpp_extension
+    finally:
+        logger.setLevel(level)
+    return cpp_extension
+
+
+def _tail(text: str) -> str:
+    lines = [line for line in text.splitlines() if line.strip()]
+    return "\n".join(lines[-_LOG_TAIL_LINES:])
+
+
+def _compile(plan: BuildPlan) -> ModuleType:
+    cpp_extension = _cpp_extension()
+    plan.directory.mkdir(parents=True, exist_ok=True)
+    print(
+        f"maskformers: compiling the native ms_deform_attn {plan.device_type.upper()} kernel "
+        f"(first use, cached at {plan.directory}); this can take a few minutes",
+        file=sys.stderr,
+        flush=True,
+    )
+    if plan.cuda_home is not None:
+        cpp_extension.CUDA_HOME = str(plan.cuda_home)  # torch's own guess follows the nvcc wrapper wrongly
+    try:
+        module = cpp_extension.load(
+            name=plan.name,
+            sources=[str(s) for s in plan.sources],
+            extra_cflags=list(plan.cflags),
+            extra_cuda_cflags=list(plan.cuda_cflags),
+            extra_ldflags=list(plan.ldflags),
+            extra_include_paths=[str(plan.include_dir)],
+            build_directory=str(plan.directory),
+            with_cuda=plan.device_type == "cuda",
+            verbose=False,
+        )
+    except Exception as exc:  # the build log is in the message of torch's exception
+        log = str(exc)
+        (plan.directory / "build.log").write_text(log)
+        raise NativeOpUnavailable(
+            f"compiling the {plan.device_type} kernel failed (full log: {plan.directory / 'build.log'}):\n{_tail(log)}"
+        ) from exc
+    (plan.directory / _MARKER).write_text("\n".join(f"{k}: {v}" for k, v in plan.description.items()) + "\n")
+    return module
+
+
+_lock = threading.Lock()
+_loaded: dict[str, ModuleType] = {}
+_failed: dict[str, NativeOpUnavailable] = {}
+
+
 def load_extension(device_type: str) -> ModuleType:
-    raise NativeOpUnavailable("the native kernels are not written yet")
+    """The compiled module for ``device_type`` ("cpu" or "cuda"), building it on first use.
+
+    The module has ``forward(value, spatial_shapes, level_start_index, sampling_locations,
+    attention_weights) -> out (B, Q, H*D)`` and ``backward(..., grad_output) -> (grad_value,
+    grad_locations, grad_weights)``. Cached per process, failures included; raises
+    ``NativeOpUnavailable`` with the reason.
+    """
+    if not isinstance(device_type, str):
+        raise TypeError(f"device_type must be a str such as 'cpu' or 'cuda', got {type(device_type).__name__}")
+    with _lock:
+        if device_type in _loaded:
+            return _loaded[device_type]
+        if device_type in _failed:
+            raise _failed[device_type]
+        try:
+            plan = build_plan(device_type)
+            module = _import_library(plan) if is_built(plan) else _compile(plan)
+        except NativeOpUnavailable as exc:
+            _failed[device_type] = exc
+            raise
+        _loaded[device_type] = module
+        return module
+
+
+def _forget(device_type: str) -> None:
+    with _lock:
+        _loaded.pop(device_type, None)
+        _failed.pop(device_type, None)
+
+
+# ----------------------------------------------------------------------------------------------
+# command line
+# ----------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Prebuild the native kernels and report; exit status 1 when a requested kernel is unavailable."""
+    parser = argparse.ArgumentParser(
+        prog="python -m maskformers.ops.build", description="Prebuild the native ms_deform_attn kernels."
+    )
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda", "all"), default="all",
+        help="which kernel to build; 'all' = CPU, plus CUDA when torch is a CUDA build (default)",
+    )
+    parser.add_argument("--rebuild", action="store_true", help="delete the cached build first")
+    args = parser.parse_args(argv)
+    if args.device == "all":
+        devices = ["cpu"] + (["cuda"] if torch.version.cuda else [])
+    else:
+        devices = [args.device]
+    status = 0
+    for device in devices:
+        try:
+            plan = build_plan(device)
+            if args.rebuild and plan.directory.exists():
+                shutil.rmtree(plan.directory)
+                _forget(device)
+            cached = is_built(plan)
+            load_extension(device)
+        except NativeOpUnavailable as exc:
+            print(f"{device}: unavailable: {exc}")
+            status = 1
+            continue
+        print(f"{device}: ready ({'cached' if cached else 'built'}) at {plan.library}")
+        for key, value in plan.description.items():
+            print(f"  {key}: {value}")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,274 @@
+// CPU kernels of multi-scale deformable attention and the CPU extension module.
+//
+// Layouts: value (B, S, H, D), sampling_locations (B, Q, H, L, P, 2), attention_weights (B, Q, H, L, P),
+// output / grad_output (B, Q, H*D). One "item" is a (batch, query, head) triple; its output row is
+// D contiguous numbers and every corner it reads is D contiguous numbers of value at stride H*D.
+//
+// Forward: at::parallel_for over items; per sample the bilinear corners and weights are computed once
+// (ms_deform_attn_math.h) and applied to the four D-rows in one vectorizable pass.
+//
+// Backward without races on grad_value: the work is split into units (batch, head, query group).
+// A unit writes only grad_value[b, :, h, :] of its own group's buffer, so no two threads ever write
+// the same memory and no atomics are needed. With B*H >= threads there is one group and grad_value is
+// written in place; with fewer (batch, head) pairs than threads the queries are cut into G groups, each
+// with a private float buffer of value's size, summed at the end. This keeps every thread busy for any
+// thread count (units = B*H*G >= threads) at a memory cost of G - 1 extra value-sized buffers only
+// when B*H is small, and the result is deterministic for a given thread count.
+#include <torch/extension.h>
+
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <tuple>
+#include <vector>
+
+#include "ms_deform_attn_checks.h"
+#include "ms_deform_attn_math.h"
+
+namespace msda {
+namespace {
+
+// Independent partial sums per dot product in the backward: a fixed-width inner loop over them
+// vectorizes without reassociation flags and keeps the summation order deterministic.
+template <typename acc_t>
+constexpr int64_t kDotLanes = 64 / static_cast<int64_t>(sizeof(acc_t));
+
+// acc[d] += sum_k coef[k] * rows[k][d] for d < D (all four rows readable; unused corners point to zeros)
+template <typename scalar_t, typename acc_t>
+inline void gather_corners(acc_t* __restrict acc, const scalar_t* __restrict r0, const scalar_t* __restrict r1,
+                           const scalar_t* __restrict r2, const scalar_t* __restrict r3, const acc_t coef[4],
+                           int64_t D) {
+  const acc_t c0 = coef[0], c1 = coef[1], c2 = coef[2], c3 = coef[3];
+  for (int64_t d = 0; d < D; ++d) {
+    acc[d] += c0 * static_cast<acc_t>(r0[d]) + c1 * static_cast<acc_t>(r1[d]) + c2 * static_cast<acc_t>(r2[d]) +
+              c3 * static_cast<acc_t>(r3[d]);
+  }
+}
+
+// dots[k] = sum_d g[d] * rows[k][d] and grows[k][d] += coef[k] * g[d]; the eight rows never alias
+template <typename scalar_t, typename acc_t>
+inline void scatter_corners(const acc_t* __restrict g, const scalar_t* __restrict r0, const scalar_t* __restrict r1,
+                            const scalar_t* __restrict r2, const scalar_t* __restrict r3, acc_t* __restrict w0,
+                            acc_t* __restrict w1, acc_t* __restrict w2, acc_t* __restrict w3, const acc_t coef[4],
+                            int64_t D, acc_t dots[4]) {
+  constexpr int64_t W = kDotLanes<acc_t>;
+  const acc_t c0 = coef[0], c1 = coef[1], c2 = coef[2], c3 = coef[3];
+  acc_t p0[W] = {}, p1[W] = {}, p2[W] = {}, p3[W] = {};
+  int64_t d0 = 0;
+  for (; d0 + W <= D; d0 += W) {
+    for (int64_t j = 0; j < W; ++j) {
+      const int64_t d = d0 + j;
+      const acc_t gd = g[d];
+      p0[j] += gd * static_cast<acc_t>(r0[d]);
+      p1[j] += gd * static_cast<acc_t>(r1[d]);
+      p2[j] += gd * static_cast<acc_t>(r2[d]);
+      p3[j] += gd * static_cast<acc_t>(r3[d]);
+      w0[d] += c0 * gd;
+      w1[d] += c1 * gd;
+      w2[d] += c2 * gd;
+      w3[d] += c3 * gd;
+    }
+  }
+  for (int64_t j = 0; d0 + j < D; ++j) {  // tail (D not a multiple of W)
+    const int64_t d = d0 + j;
+    const acc_t gd = g[d];
+    p0[j] += gd * static_cast<acc_t>(r0[d]);
+    p1[j] += gd * static_cast<acc_t>(r1[d]);
+    p2[j] += gd * static_cast<acc_t>(r2[d]);
+    p3[j] += gd * static_cast<acc_t>(r3[d]);
+    w0[d] += c0 * gd;
+    w1[d] += c1 * gd;
+    w2[d] += c2 * gd;
+    w3[d] += c3 * gd;
+  }
+  acc_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+  for (int64_t j = 0; j < W; ++j) {
+    s0 += p0[j];
+    s1 += p1[j];
+    s2 += p2[j];
+    s3 += p3[j];
+  }
+  dots[0] = s0;
+  dots[1] = s1;
+  dots[2] = s2;
+  dots[3] = s3;
+}
+
+template <typename scalar_t>
+void forward_kernel(const Problem& p, const scalar_t* value, const at::opmath_type<scalar_t>* loc,
+                    const at::opmath_type<scalar_t>* attn, scalar_t* out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t B = p.B, S = p.S, Q = p.Q, H = p.H, D = p.D, L = p.L, P = p.P;
+  const int64_t items = B * Q * H;
+  const int64_t row_stride = H * D;  // elements between two positions of one head
+  const int64_t cost = std::max<int64_t>(1, L * P * (4 * D + 32));
+  const int64_t grain = std::max<int64_t>(1, 65536 / cost);
+
+  at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(D);
+    const std::vector<scalar_t> zeros(D, scalar_t(0));
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t h = item % H;
+      const int64_t b = item / (Q * H);
+      const scalar_t* v_bh = value + (b * S * H + h) * D;
+      const acc_t* loc_i = loc + item * L * P * 2;
+      const acc_t* attn_i = attn + item * L * P;
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      for (int64_t l = 0; l < L; ++l) {
+        const int64_t height = p.heights[l], width = p.widths[l];
+        const scalar_t* v_l = v_bh + p.starts[l] * row_stride;
+        for (int64_t pt = 0; pt < P; ++pt) {
+          const int64_t s = l * P + pt;
+          Corners<acc_t> c;
+          if (!bilinear_corners(loc_i[2 * s], loc_i[2 * s + 1], height, width, c)) continue;
+          const acc_t a = attn_i[s];
+          const scalar_t* rows[4];
+          acc_t coef[4];
+          for (int k = 0; k < 4; ++k) {
+            rows[k] = c.inside[k] ? v_l + c.pos[k] * row_stride : zeros.data();
+            coef[k] = c.inside[k] ? a * c.weight[k] : acc_t(0);
+          }
+          gather_corners(acc.data(), rows[0], rows[1], rows[2], rows[3], coef, D);
+        }
+      }
+      scalar_t* o = out + item * D;
+      for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(acc[d]);
+    }
+  });
+}
+
+// Number of query groups for the backward (see the file comment).
+int64_t backward_groups(int64_t batch_heads, int64_t Q, int64_t buffer_bytes) {
+  const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  if (threads <= 1 || batch_heads <= 0 || Q <= 1) return 1;
+  int64_t g = (threads + batch_heads - 1) / batch_heads;
+  // a multiple of the thread count splits evenly under the static schedule of parallel_for
+  while ((batch_heads * g) % threads != 0 && batch_heads * g < 4 * threads) ++g;
+  constexpr int64_t kMaxBytes = int64_t(1) << 30;  // extra memory cap for the private buffers
+  while (g > 1 && g * buffer_bytes > std::max(kMaxBytes, buffer_bytes)) --g;
+  return std::max<int64_t>(1, std::min(g, Q));
+}
+
+template <typename scalar_t>
+void backward_kernel(const Problem& p, const scalar_t* value, const at::opmath_type<scalar_t>* loc,
+                     const at::opmath_type<scalar_t>* attn, const scalar_t* grad_out,
+                     at::opmath_type<scalar_t>* grad_value_groups, int64_t groups,
+                     at::opmath_type<scalar_t>* grad_loc, at::opmath_type<scalar_t>* grad_attn) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t B = p.B, S = p.S, Q = p.Q, H = p.H, D = p.D, L = p.L, P = p.P;
+  const int64_t row_stride = H * D;
+  const int64_t group_stride = B * S * H * D;  // one private grad_value buffer
+  const int64_t queries_per_group = (Q + groups - 1) / groups;
+  const int64_t units = B * H * groups;
+
+  at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> g(D);
+    std::vector<acc_t> sink(4 * D);  // written by corners outside the level, never read
+    const std::vector<scalar_t> zeros(D, scalar_t(0));
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t group = unit % groups;
+      const int64_t bh = unit / groups;
+      const int64_t h = bh % H;
+      const int64_t b = bh / H;
+      const scalar_t* v_bh = value + (b * S * H + h) * D;
+      acc_t* gv_bh = grad_value_groups + group * group_stride + (b * S * H + h) * D;
+      const int64_t q_end = std::min(Q, (group + 1) * queries_per_group);
+      for (int64_t q = group * queries_per_group; q < q_end; ++q) {
+        const int64_t item = (b * Q + q) * H + h;
+        const scalar_t* go = grad_out + item * D;
+        for (int64_t d = 0; d < D; ++d) g[d] = static_cast<acc_t>(go[d]);
+        const acc_t* loc_i = loc + item * L * P * 2;
+        const acc_t* attn_i = attn + item * L * P;
+        acc_t* gloc_i = grad_loc + item * L * P * 2;
+        acc_t* gattn_i = grad_attn + item * L * P;
+        for (int64_t l = 0; l < L; ++l) {
+          const int64_t height = p.heights[l], width = p.widths[l];
+          const scalar_t* v_l = v_bh + p.starts[l] * row_stride;
+          acc_t* gv_l = gv_bh + p.starts[l] * row_stride;
+          for (int64_t pt = 0; pt < P; ++pt) {
+            const int64_t s = l * P + pt;
+            Corners<acc_t> c;
+            if (!bilinear_corners(loc_i[2 * s], loc_i[2 * s + 1], height, width, c)) {
+              gloc_i[2 * s] = gloc_i[2 * s + 1] = gattn_i[s] = acc_t(0);
+              continue;
+            }
+            const acc_t a = attn_i[s];
+            const scalar_t* rows[4];
+            acc_t* grows[4];
+            acc_t coef[4];
+            for (int k = 0; k < 4; ++k) {
+              rows[k] = c.inside[k] ? v_l + c.pos[k] * row_stride : zeros.data();
+              grows[k] = c.inside[k] ? gv_l + c.pos[k] * row_stride : sink.data() + k * D;
+              coef[k] = c.inside[k] ? a * c.weight[k] : acc_t(0);
+            }
+            acc_t dots[4];
+            scatter_corners(g.data(), rows[0], rows[1], rows[2], rows[3], grows[0], grows[1], grows[2], grows[3],
+                            coef, D, dots);
+            for (int k = 0; k < 4; ++k) {
+              if (!c.inside[k]) dots[k] = acc_t(0);
+            }
+            sample_gradients(c, dots, a, height, width, gloc_i[2 * s], gloc_i[2 * s + 1], gattn_i[s]);
+          }
+        }
+      }
+    }
+  });
+}
+
+at::Tensor forward_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
+                       const at::Tensor& sampling_locations, const at::Tensor& attention_weights) {
+  const Problem p =
+      check_problem(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, c10::kCPU);
+  at::Tensor out = at::empty({p.B, p.Q, p.H * p.D}, value.options());
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, value.scalar_type(), "ms_deform_attn_forward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    forward_kernel<scalar_t>(p, value.data_ptr<scalar_t>(), sampling_locations.data_ptr<acc_t>(),
+                             attention_weights.data_ptr<acc_t>(), out.data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes,
+                                     const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
+                                     const at::Tensor& attention_weights, const at::Tensor& grad_output) {
+  const Problem p =
+      check_problem(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, c10::kCPU);
+  check_grad_output(p, value, grad_output);
+  at::Tensor grad_loc = at::empty_like(sampling_locations);
+  at::Tensor grad_attn = at::empty_like(attention_weights);
+  if (p.B * p.Q * p.H * p.L * p.P == 0 || p.D == 0) {
+    return {at::zeros_like(value), grad_loc.zero_(), grad_attn.zero_()};
+  }
+  const auto acc_options = value.options().dtype(p.coord_dtype);
+  const int64_t acc_bytes = p.coord_dtype == at::kDouble ? 8 : 4;
+  const int64_t groups = backward_groups(p.B * p.H, p.Q, value.numel() * acc_bytes);
+  // (G, B, S, H, D): one private accumulation buffer per query group
+  at::Tensor buffers = at::zeros({groups, p.B, p.S, p.H, p.D}, acc_options);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    backward_kernel<scalar_t>(p, value.data_ptr<scalar_t>(), sampling_locations.data_ptr<acc_t>(),
+                              attention_weights.data_ptr<acc_t>(), grad_output.data_ptr<scalar_t>(),
+                              buffers.data_ptr<acc_t>(), groups, grad_loc.data_ptr<acc_t>(),
+                              grad_attn.data_ptr<acc_t>());
+  });
+  at::Tensor grad_value = groups == 1 ? buffers.select(0, 0) : buffers.sum(0);
+  return {grad_value.to(value.scalar_type()), grad_loc, grad_attn};
+}
+
+}  // namespace
+}  // namespace msda
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "maskformers multi-scale deformable attention, CPU kernels";
+  m.def("forward", &msda::forward_cpu, "value (B,S,H,D), spatial_shapes (L,2), level_start_index (L,), "
+        "sampling_locations (B,Q,H,L,P,2), attention_weights (B,Q,H,L,P) -> out (B,Q,H*D)",
+        py::arg("value"), py::arg("spatial_shapes"), py::arg("level_start_index"), py::arg("sampling_locations"),
+        py::arg("attention_weights"), py::call_guard<py::gil_scoped_release>());
+  m.def("backward", &msda::backward_cpu, "same inputs + grad_output (B,Q,H*D) -> (grad_value, grad_locations, "
+        "grad_weights)",
+        py::arg("value"), py::arg("spatial_shapes"), py::arg("level_start_index"), py::arg("sampling_locations"),
+        py::arg("attention_weights"), py::arg("grad_output"), py::call_guard<py::gil_scoped_release>());
+}
