@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import re
+import shutil
 import warnings
 
 import pytest
@@ -58,15 +59,11 @@ def naive_msda(value, spatial_shapes, level_start_index, locations, weights):
     return out.view(B, Q, H * D)
 
 
-def native_reason(device_type="cpu"):
-    try:
-        build.load_extension(device_type)
-    except build.NativeOpUnavailable as exc:
-        return str(exc)
-    return ""
-
-
-needs_native_cpu = pytest.mark.skipif(bool(native_reason()), reason="native CPU kernel unavailable")
+# The native CPU kernel must work wherever a C++ compiler and ninja exist (CI included): a failed build
+# there fails these tests instead of skipping them.
+needs_native_cpu = pytest.mark.skipif(
+    shutil.which("c++") is None or shutil.which("ninja") is None, reason="no C++ compiler or ninja to build the native kernel"
+)
 
 
 # ----------------------------------------------------------------------------------------------
