@@ -22,7 +22,8 @@ from transformers import Mask2FormerImageProcessor  # noqa: E402
 
 HF = Mask2FormerImageProcessor()
 INPUT = (384, 384)
-TARGETS = [None, [(300, 400), (97, 55)]]
+TARGETS = [None, [(300, 400), (97, 55)], [(384, 384), (384, 384)]]  # last: resizing to the same size
+TARGET_IDS = ["no-target", "targets", "same-size"]
 
 
 def _random(seed: int, batch: int = 2, queries: int = 16, classes: int = 7):
@@ -51,7 +52,7 @@ def _outputs(class_logits, mask_logits):
 
 # ----------------------------------------------------------------------------- parity at 384x384
 @pytest.mark.parametrize("make", [_random, _structured])
-@pytest.mark.parametrize("targets", TARGETS, ids=["no-target", "targets"])
+@pytest.mark.parametrize("targets", TARGETS, ids=TARGET_IDS)
 def test_semantic_matches_transformers(make, targets):
     for seed in range(2):
         class_logits, mask_logits = make(seed)
@@ -68,7 +69,7 @@ def test_semantic_matches_transformers(make, targets):
 
 
 @pytest.mark.parametrize("make", [_random, _structured])
-@pytest.mark.parametrize("targets", TARGETS, ids=["no-target", "targets"])
+@pytest.mark.parametrize("targets", TARGETS[:2], ids=TARGET_IDS[:2])
 @pytest.mark.parametrize("threshold", [0.0, 0.3, 0.8])
 def test_instance_matches_transformers(make, targets, threshold):
     for seed in range(2):
@@ -83,7 +84,7 @@ def test_instance_matches_transformers(make, targets, threshold):
             assert o["segments_info"] == r["segments_info"]
 
 
-@pytest.mark.parametrize("targets", TARGETS, ids=["no-target", "targets"])
+@pytest.mark.parametrize("targets", TARGETS[:2], ids=TARGET_IDS[:2])
 def test_instance_masks_match_transformers_binary_maps(targets):
     class_logits, mask_logits = _structured(5)
     ref = HF.post_process_instance_segmentation(
@@ -99,7 +100,7 @@ def test_instance_masks_match_transformers_binary_maps(targets):
     assert all(o["masks"].shape == (0, *INPUT) and (o["segmentation"] == -1).all() for o in empty)
 
 
-@pytest.mark.parametrize("targets", TARGETS, ids=["no-target", "targets"])
+@pytest.mark.parametrize("targets", TARGETS, ids=TARGET_IDS)
 @pytest.mark.parametrize(
     "thresholds", [(0.5, 0.5, 0.8), (0.3, 0.5, 0.5), (0.2, 0.8, 0.3)], ids=lambda t: str(t)
 )
@@ -288,6 +289,42 @@ def test_default_target_is_the_valid_size():
         assert shapes == VALID, fn.__name__
     full = post_process_semantic(class_logits, mask_logits, input_size=CANVAS)
     assert [tuple(m.shape) for m in full] == [CANVAS, CANVAS]
+
+
+def test_processor_and_post_processing_round_trip_a_drawn_rectangle():
+    """Images of different sizes and aspect ratios, each with a white rectangle on black, go through the
+    ImageProcessor; "mask logits" made by pooling pixel_values to 1/4 must map the rectangle back onto the
+    same pixels of every original image."""
+    import numpy as np
+
+    from maskformers.processing import ImageProcessor
+
+    originals = [(240, 320), (300, 140), (90, 200)]
+    boxes = [(60, 180, 100, 300), (30, 120, 20, 100), (45, 90, 0, 80)]  # top, bottom, left, right
+    images, expected = [], []
+    for (h, w), (top, bottom, left, right) in zip(originals, boxes):
+        image = np.zeros((h, w, 3), np.uint8)
+        image[top:bottom, left:right] = 255
+        images.append(image)
+        expected.append(torch.from_numpy(image[..., 0] > 0))
+    batch = ImageProcessor(size={"shortest_edge": 128, "longest_edge": 256}, size_divisor=32)(images)
+    assert len(set(map(tuple, batch["image_sizes"].tolist()))) == 3  # three different valid regions
+    pooled = F.avg_pool2d(batch["pixel_values"][:, :1], 4)  # (B, 1, H/4, W/4): >0 white, <0 black, 0 padding
+    mask_logits = torch.cat([5 * pooled, -5 * pooled], dim=1)  # query 0: the rectangle, query 1: the rest
+    class_logits = torch.tensor([[10.0, -10.0, -10.0], [-10.0, 10.0, -10.0]]).expand(3, 2, 3)  # q0 -> class 0
+    kwargs = dict(
+        input_size=batch["pixel_values"].shape[-2:], image_sizes=batch["image_sizes"], target_sizes=batch["original_sizes"]
+    )
+    semantic = post_process_semantic(class_logits, mask_logits, **kwargs)
+    panoptic = post_process_panoptic(class_logits, mask_logits, **kwargs)
+    for sem, pan, want in zip(semantic, panoptic, expected):
+        assert sem.shape == want.shape
+        rect_id = next(e["id"] for e in pan["segments_info"] if e["label_id"] == 0)
+        for found in (sem == 0, pan["segmentation"] == rect_id):
+            grown = F.max_pool2d(want[None, None].float(), 7, 1, 3)[0, 0].bool()
+            shrunk = ~F.max_pool2d((~want)[None, None].float(), 7, 1, 3)[0, 0].bool()
+            assert found[shrunk].all() and not found[~grown].any()  # right within 3 pixels of the outline
+            assert _iou(found, want) > 0.95
 
 
 # ----------------------------------------------------------------------------- bad inputs
