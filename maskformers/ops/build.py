@@ -184,6 +184,10 @@ def nvcc_version(cuda_home: Path) -> str:
     return match.group(1) if match else ""
 
 
+def _ninja() -> str | None:
+    return shutil.which("ninja")
+
+
 def _compiler() -> str | None:
     return shutil.which(os.environ.get("CXX", "c++"))
 
@@ -270,8 +274,13 @@ def build_plan(device_type: str) -> BuildPlan:
         raise NativeOpUnavailable(
             f"no C++ compiler: {os.environ.get('CXX', 'c++')!r} is not on PATH (install g++ or clang, or set CXX)"
         )
-    if importlib.util.find_spec("ninja") is None and shutil.which("ninja") is None:
-        raise NativeOpUnavailable("ninja is not installed (pip install ninja); torch builds extensions with it")
+    if _ninja() is None:
+        hint = (
+            "the ninja Python package is installed but its `ninja` command is not on PATH"
+            if importlib.util.find_spec("ninja") is not None
+            else "ninja is not installed (pip install ninja)"
+        )
+        raise NativeOpUnavailable(f"{hint}; torch builds C++ extensions with ninja")
     cuda_tag = f"cu{torch.version.cuda}" if torch.version.cuda else "cpuonly"
     description = {"compiler": f"{compiler} ({_run_version([compiler, '--version'])})"}
     key_parts = [torch.__version__, cuda_tag, sys.implementation.cache_tag or "", description["compiler"]]
