@@ -120,16 +120,18 @@ def _peak_in_this_process(image, batch, dtype_name, impl, device) -> dict[str, f
     tiny = make_inputs(16, 1, DTYPES[dtype_name], device)
     run_once(impl, "forward", tiny)
     run_once(impl, "forward+backward", tiny, torch.zeros(1, tiny[3].shape[1], HEADS * HEAD_DIM, device=device).to(tiny[0].dtype))
-    for mode in ("forward", "forward+backward"):  # forward+backward includes forward, so the order is safe
+    # Peak RSS only grows, so both passes are measured against one baseline taken before either runs;
+    # forward+backward contains the forward, so running it second leaves its reading exact.
+    base = _rss_peak_mb()
+    for mode in ("forward", "forward+backward"):
         if device == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
+            cuda_base = torch.cuda.memory_allocated()
             run_once(impl, mode, inputs, grad_out)
             torch.cuda.synchronize()
-            result[mode] = (torch.cuda.max_memory_allocated() - base) / 2**20
+            result[mode] = (torch.cuda.max_memory_allocated() - cuda_base) / 2**20
         else:
-            base = _rss_peak_mb()
             run_once(impl, mode, inputs, grad_out)
             result[mode] = max(_rss_peak_mb() - base, 0.0)
     return result
