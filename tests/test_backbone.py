@@ -104,7 +104,7 @@ def test_swin_float32_error_is_that_of_transformers(dims):
         ref64 = [t.float() for t in ours_from_hf(hf).double()(x.double())]
         hf32, ours32 = hf(x).feature_maps, ours(x)
     for r, h, o in zip(ref64, hf32, ours32):
-        assert (o - h).abs().max().item() < 1e-4
+        assert (o - h).abs().max().item() < 3e-5  # features are LayerNorm outputs, O(1)
         assert max_rel(r, o) <= 4 * max_rel(r, h) + 1e-6
 
 
@@ -202,8 +202,8 @@ def d2_swin_state_dict(hf_state: dict) -> dict:
                 continue
             if rest.startswith(("attention.k_proj.", "attention.v_proj.")):
                 continue
-            for old, new in [("layernorm_before", "norm1"), ("layernorm_after", "norm2"), ("attention.o_proj", "attn.proj"),
-                             ("attention.relative_position_bias.", "attn.")]:
+            for old, new in [("layernorm_before", "norm1"), ("layernorm_after", "norm2"),
+                             ("attention.o_proj", "attn.proj"), ("attention.relative_position_bias.", "attn.")]:
                 rest = rest.replace(old, new)
             d2[pre + rest] = value
             if rest == "attn.relative_position_bias_table":
@@ -356,7 +356,8 @@ def test_hf_config_builder():
         backbone_from_hf_config("swin")
 
 
-@pytest.mark.parametrize("make", [lambda: swin_backbone(**TINY_W7), lambda: resnet_backbone(50)], ids=["swin", "resnet"])
+@pytest.mark.parametrize("make", [lambda: swin_backbone(**TINY_W7), lambda: resnet_backbone(50)],
+                         ids=["swin", "resnet"])
 def test_bad_inputs(make):
     model = make()
     with pytest.raises(ValueError, match=r"pixel_values \(B, 3, H, W\), got \(1, 4, 32, 32\)"):

@@ -97,12 +97,17 @@ def detect_d2_backbone(state_dict: Mapping[str, torch.Tensor], prefix: str = "ba
         if not blocks or sorted(blocks) != list(range(len(blocks))):
             raise ConversionError(f"Swin stages are not numbered 0..n-1 under {prefix}layers: {sorted(blocks)}")
         depths = [len(blocks[s]) for s in sorted(blocks)]
-        tables = [state_dict[f"{prefix}layers.{s}.blocks.0.attn.relative_position_bias_table"] for s in sorted(blocks)]
+        needed = [f"{prefix}layers.{s}.blocks.0.attn.relative_position_bias_table" for s in sorted(blocks)]
+        needed.append(prefix + "layers.0.blocks.0.mlp.fc1.weight")
+        if any(k not in state_dict for k in needed):
+            raise ConversionError(f"incomplete Swin: missing {[k for k in needed if k not in state_dict]}")
+        tables = [state_dict[k] for k in needed[:-1]]
         num_heads = [int(t.shape[1]) for t in tables]
         windows = {(math.isqrt(int(t.shape[0])) + 1) // 2 for t in tables}
         window = windows.pop()
         if windows or (2 * window - 1) ** 2 != int(tables[0].shape[0]):
-            raise ConversionError(f"cannot read one square window size from bias tables {[tuple(t.shape) for t in tables]}")
+            shapes = [tuple(t.shape) for t in tables]
+            raise ConversionError(f"cannot read one square window size from bias tables {shapes}")
         hidden = state_dict[prefix + "layers.0.blocks.0.mlp.fc1.weight"].shape[0]
         return "swin", {
             "embed_dim": embed_dim, "depths": depths, "num_heads": num_heads, "window_size": window,

@@ -41,7 +41,8 @@ def rules(src_prefix: str = "", dst_prefix: str = "") -> list[Rule]:
         return f"{dst_prefix}layers.{m[1]}.blocks.{m[2]}.attn.qkv.{m[3]}"
 
     table = [
-        Rule(p + r"embeddings\.patch_embeddings\.projection\." + _PARAM, lambda m: f"{dst_prefix}patch_embed.proj.{m[1]}"),
+        Rule(p + r"embeddings\.patch_embeddings\.projection\." + _PARAM,
+             lambda m: f"{dst_prefix}patch_embed.proj.{m[1]}"),
         Rule(p + r"embeddings\.norm\." + _PARAM, lambda m: f"{dst_prefix}patch_embed.norm.{m[1]}"),
         Rule(block + r"layernorm_before\." + _PARAM, to_block("norm1")),
         Rule(block + r"layernorm_after\." + _PARAM, to_block("norm2")),

@@ -300,8 +300,11 @@ def _require_all_stages(config: Mapping[str, Any], num_stages: int) -> None:
     names = [f"stage{i}" for i in range(1, num_stages + 1)]
     out_features = config.get("out_features")
     out_indices = config.get("out_indices")
-    if list(out_features or []) != names and (out_features is not None or list(out_indices or []) != list(
-            range(1, num_stages + 1))):
+    if out_features is not None:
+        every_stage = list(out_features) == names
+    else:
+        every_stage = list(out_indices or []) == list(range(1, num_stages + 1))
+    if not every_stage:
         raise ValueError(f"unsupported backbone_config out_features={out_features!r} / out_indices={out_indices!r}:"
                          f" every stage {names} must be an output")
 
