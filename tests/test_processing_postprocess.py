@@ -349,3 +349,7 @@ def test_bad_inputs_raise(fn):
             fn(*args, input_size=(32, 32), **kwargs)
     with pytest.raises(ValueError, match="input_size"):
         fn(cls, masks, input_size=(0, 32))
+    with pytest.raises(TypeError, match="input_size"):
+        fn(cls, masks, input_size=32)
+    with pytest.raises(TypeError, match="image_sizes"):
+        fn(cls, masks, input_size=(32, 32), image_sizes=[None, None])

@@ -151,7 +151,9 @@ class ImageProcessor:
         ignore_index: int | None = None,
         do_reduce_labels: bool = False,
     ) -> None:
-        self.size = _parse_size({"shortest_edge": 800, "longest_edge": max_size or 1333} if size is None else size, max_size)
+        if size is None:  # transformers' default, with max_size as the longest edge when given
+            size = {"shortest_edge": 800, "longest_edge": max_size or 1333}
+        self.size = _parse_size(size, max_size)
         if not isinstance(size_divisor, int) or size_divisor < 0:
             raise ValueError(f"size_divisor must be an int >= 0, got {size_divisor!r}")
         self.size_divisor = size_divisor
@@ -195,7 +197,9 @@ class ImageProcessor:
         return cls(**{k: v for k, v in config.items() if k not in _IGNORED_KEYS})
 
     @classmethod
-    def from_pretrained(cls, source: str | os.PathLike | dict[str, Any], *, revision: str | None = None) -> "ImageProcessor":
+    def from_pretrained(
+        cls, source: str | os.PathLike | dict[str, Any], *, revision: str | None = None
+    ) -> "ImageProcessor":
         """From a config dict, a ``preprocessor_config.json`` file, a folder holding one, or a hub id."""
         if isinstance(source, dict):
             return cls.from_dict(source)

@@ -141,8 +141,11 @@ def to_rgb_tensor(image: ImageInput) -> torch.Tensor:
         if image.ndim == 2:
             image = image[:, :, None]
         if image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
-            hint = " (channels first? use np.moveaxis(a, 0, -1))" if image.ndim == 3 and image.shape[0] in (1, 3, 4) else ""
-            raise ValueError(f"expected a numpy image (H, W) or (H, W, C) with C in 1/3/4, got shape {image.shape}{hint}")
+            looks_chw = image.ndim == 3 and image.shape[0] in (1, 3, 4)
+            hint = " (channels first? use np.moveaxis(a, 0, -1))" if looks_chw else ""
+            raise ValueError(
+                f"expected a numpy image (H, W) or (H, W, C) with C in 1/3/4, got shape {image.shape}{hint}"
+            )
         if image.dtype not in (np.uint8, np.uint16, np.float16, np.float32, np.float64):
             raise TypeError(
                 f"numpy image has dtype {image.dtype}; accepted are uint8 (0..255), uint16 (0..65535) and "
@@ -158,7 +161,8 @@ def to_rgb_tensor(image: ImageInput) -> torch.Tensor:
         if tensor.dim() == 2:
             tensor = tensor.unsqueeze(0)
         if tensor.dim() != 3 or tensor.shape[0] not in (1, 3, 4):
-            hint = " (channels last? use t.permute(2, 0, 1))" if tensor.dim() == 3 and tensor.shape[-1] in (1, 3, 4) else ""
+            looks_hwc = tensor.dim() == 3 and tensor.shape[-1] in (1, 3, 4)
+            hint = " (channels last? use t.permute(2, 0, 1))" if looks_hwc else ""
             raise ValueError(
                 f"expected a tensor image (H, W) or (C, H, W) with C in 1/3/4, got shape {tuple(tensor.shape)}{hint}"
             )

@@ -39,7 +39,10 @@ def _size_list(name: str, sizes: Sizes, batch: int) -> list[tuple[int, int]]:
         if sizes.dim() != 2 or sizes.shape[1] != 2:
             raise ValueError(f"expected {name} ({batch}, 2), got shape {tuple(sizes.shape)}")
         sizes = sizes.tolist()
-    sizes = [tuple(int(v) for v in s) for s in sizes]
+    try:
+        sizes = [tuple(int(v) for v in s) for s in sizes]
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be (height, width) pairs of ints, got {sizes!r}") from None
     if len(sizes) != batch:
         raise ValueError(f"expected {batch} {name} (one per image), got {len(sizes)}")
     if any(len(s) != 2 or s[0] < 1 or s[1] < 1 for s in sizes):
@@ -68,7 +71,7 @@ def _check(
         raise ValueError(f"class_logits needs K >= 1 classes plus 'no object', got K+1={class_logits.shape[2]}")
     if not (class_logits.is_floating_point() and mask_logits.is_floating_point()):
         raise TypeError(f"logits must be floating point, got {class_logits.dtype} and {mask_logits.dtype}")
-    (input_size,) = _size_list("input_size", [tuple(input_size)], 1)
+    (input_size,) = _size_list("input_size", [input_size], 1)
     batch = class_logits.shape[0]
     images = [input_size] * batch if image_sizes is None else _size_list("image_sizes", image_sizes, batch)
     outside = [s for s in images if s[0] > input_size[0] or s[1] > input_size[1]]
