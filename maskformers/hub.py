@@ -18,6 +18,7 @@ listing them all. safetensors is preferred when both formats exist; ``.bin`` fil
 from __future__ import annotations
 
 import json
+import pickle
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -316,7 +317,7 @@ def convert(src: str | Path, dst: str | Path, *, config: Mask2FormerConfig | Non
             if config is None:
                 config = Mask2FormerConfig(**d2_mask2former.infer_architecture(raw))
             state = d2_mask2former.convert_state_dict(raw, backbone_type=config.backbone["name"], source=str(path))
-        except (ConversionError, ValueError) as exc:
+        except (ConversionError, ValueError, pickle.UnpicklingError) as exc:
             raise CheckpointError(str(exc)) from exc
         model = build_mask2former(config)
         load_state_dict_strict(model, state, source=str(path))

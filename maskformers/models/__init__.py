@@ -15,3 +15,32 @@ __all__ = [
     "resnet_backbone",
     "swin_backbone",
 ]
+
+from maskformers.models.mask2former import (  # noqa: E402
+    DATASETS,
+    Mask2Former,
+    Mask2FormerConfig,
+    Mask2FormerOutput,
+    build_backbone,
+    build_mask2former,
+    mask2former_config,
+)
+from maskformers.models.pixel_decoder import MSDeformAttnPixelDecoder, PixelDecoderOutput  # noqa: E402
+from maskformers.models.transformer_decoder import (  # noqa: E402
+    MaskedAttentionDecoderLayer,
+    MultiScaleMaskedTransformerDecoder,
+)
+
+__all__ += [
+    "DATASETS",
+    "Mask2Former",
+    "Mask2FormerConfig",
+    "Mask2FormerOutput",
+    "MSDeformAttnPixelDecoder",
+    "MaskedAttentionDecoderLayer",
+    "MultiScaleMaskedTransformerDecoder",
+    "PixelDecoderOutput",
+    "build_backbone",
+    "build_mask2former",
+    "mask2former_config",
+]

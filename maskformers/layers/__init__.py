@@ -1,0 +1,25 @@
+"""Reusable layers: position encoding, deformable attention, attention blocks, MLP, prediction heads."""
+
+from .attention import MultiHeadAttention
+from .deformable_encoder import DeformableEncoder, DeformableEncoderLayer, grid_reference_points
+from .mlp import MLP
+from .ms_deform_attn import MSDeformAttn
+from .position_encoding import SinePositionEmbedding, sine_position_embedding
+from .prediction_heads import MaskClassificationHead, masked_attention_mask
+from .transformer_blocks import CrossAttentionBlock, FeedForwardBlock, SelfAttentionBlock
+
+__all__ = [
+    "CrossAttentionBlock",
+    "DeformableEncoder",
+    "DeformableEncoderLayer",
+    "FeedForwardBlock",
+    "MLP",
+    "MSDeformAttn",
+    "MaskClassificationHead",
+    "MultiHeadAttention",
+    "SelfAttentionBlock",
+    "SinePositionEmbedding",
+    "grid_reference_points",
+    "masked_attention_mask",
+    "sine_position_embedding",
+]

@@ -1,0 +1,220 @@
+"""Original facebookresearch/Mask2Former checkpoints (detectron2 ``.pkl`` model-zoo files and ``.pth``
+training checkpoints) -> ``maskformers.Mask2Former`` state dicts.
+
+Key layout of the original: ``backbone.*`` (D2 Swin or ResNet; renamed by :mod:`weights_convert.d2_backbone`),
+``sem_seg_head.pixel_decoder.*`` (``input_proj.{l}.{0,1}``, ``transformer.level_embed``,
+``transformer.encoder.layers.{k}.{self_attn.*, linear1, linear2, norm1, norm2}``, ``mask_features``,
+``adapter_{i}`` / ``layer_{i}`` detectron2 convs with a ``.norm``) and ``sem_seg_head.predictor.*``
+(``query_feat``, ``query_embed``, ``level_embed``, ``input_proj.{l}``, packed ``in_proj`` of the
+self- and cross-attention layers, ``transformer_ffn_layers``, ``decoder_norm``, ``class_embed``,
+``mask_embed.layers.{i}``). ``criterion.empty_weight`` and the ``pixel_mean``/``pixel_std`` buffers are
+dropped on purpose; anything else unused is an error.
+
+``load_checkpoint`` reads a ``.pkl`` with a restricted unpickler that can only rebuild numpy arrays,
+dicts and strings (a pickle that asks for anything else is refused, so no code runs), and ``.pth``
+files with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import codecs
+import collections
+import io
+import pickle
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .d2_backbone import detect_d2_backbone, resnet_rules, swin_rules
+from .rules import ConversionError, Rule, apply_rules
+
+__all__ = ["load_checkpoint", "rules", "convert_state_dict", "infer_architecture", "UnsafePickleError"]
+
+PIXEL_DECODER = "sem_seg_head.pixel_decoder."
+PREDICTOR = "sem_seg_head.predictor."
+
+
+class UnsafePickleError(pickle.UnpicklingError):
+    """A ``.pkl`` checkpoint references a Python object outside the numpy-array allow list."""
+
+
+def _numpy_reconstructors() -> dict[tuple[str, str], Any]:
+    reconstruct = np.zeros(1).__reduce__()[0]  # multiarray._reconstruct, wherever this numpy keeps it
+    scalar = np.float32(1).__reduce__()[0]  # multiarray.scalar
+    frombuffer = np.zeros(1).__reduce_ex__(5)[0]  # numeric._frombuffer (protocol 5)
+    allowed: dict[tuple[str, str], Any] = {
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("_codecs", "encode"): codecs.encode,
+        ("collections", "OrderedDict"): collections.OrderedDict,
+        ("builtins", "dict"): dict,
+    }
+    for core in ("numpy.core", "numpy._core"):
+        allowed[(f"{core}.multiarray", "_reconstruct")] = reconstruct
+        allowed[(f"{core}.multiarray", "scalar")] = scalar
+        allowed[(f"{core}.numeric", "_frombuffer")] = frombuffer
+    return allowed
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    _allowed = _numpy_reconstructors()
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return self._allowed[(module, name)]
+        except KeyError:
+            raise UnsafePickleError(
+                f"refusing to load {module}.{name}: a detectron2 checkpoint only needs numpy arrays and dicts"
+            ) from None
+
+
+def _to_tensor(key: str, value: Any) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(value))
+    raise ConversionError(f"checkpoint entry {key!r} is a {type(value).__name__}, not an array")
+
+
+def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """The model state dict of a detectron2 checkpoint file (``{"model": {...}, ...}`` or a bare dict)."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"cannot read checkpoint {path}: {exc}") from exc
+    try:
+        if raw[:2] == b"PK" or path.suffix != ".pkl":  # torch zip (or legacy torch) format
+            data = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+        else:
+            data = _ArrayUnpickler(io.BytesIO(raw), encoding="latin1").load()
+    except UnsafePickleError as exc:
+        raise UnsafePickleError(f"{path}: {exc}") from exc
+    except Exception as exc:  # truncated or corrupt files, pickles torch refuses
+        raise ValueError(f"cannot read checkpoint {path} (truncated, corrupt or not a checkpoint?): {exc}") from exc
+    if isinstance(data, Mapping) and isinstance(data.get("model"), Mapping):
+        data = data["model"]
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{path} holds a {type(data).__name__}, expected a dict of arrays (optionally under 'model')")
+    return {str(k): _to_tensor(str(k), v) for k, v in data.items()}
+
+
+def pixel_decoder_rules(src: str = PIXEL_DECODER, dst: str = "pixel_decoder.") -> list[Rule]:
+    s, d = re.escape(src), dst
+    enc = rf"{s}transformer\.encoder\.layers\.(\d+)\."
+    return [
+        Rule(rf"{s}transformer\.level_embed", f"{d}level_embed"),
+        Rule(rf"{s}input_proj\.(\d+)\.([01])\.(weight|bias)", rf"{d}input_projs.\1.\2.\3"),
+        Rule(
+            enc + r"self_attn\.(sampling_offsets|attention_weights|value_proj|output_proj)\.(weight|bias)",
+            rf"{d}encoder.layers.\1.self_attn.\2.\3",
+        ),
+        Rule(enc + r"(linear1|linear2|norm1|norm2)\.(weight|bias)", rf"{d}encoder.layers.\1.\2.\3"),
+        Rule(rf"{s}mask_features\.(weight|bias)", rf"{d}mask_features.\1"),
+        # detectron2 Conv2d(norm=GN): adapter_{i+1} / layer_{i+1} belong to backbone feature i
+        Rule(rf"{s}adapter_(\d+)\.weight", lambda m: f"{d}lateral_convs.{int(m[1]) - 1}.0.weight"),
+        Rule(rf"{s}adapter_(\d+)\.norm\.(weight|bias)", lambda m: f"{d}lateral_convs.{int(m[1]) - 1}.1.{m[2]}"),
+        Rule(rf"{s}layer_(\d+)\.weight", lambda m: f"{d}output_convs.{int(m[1]) - 1}.0.weight"),
+        Rule(rf"{s}layer_(\d+)\.norm\.(weight|bias)", lambda m: f"{d}output_convs.{int(m[1]) - 1}.1.{m[2]}"),
+    ]
+
+
+def predictor_rules(src: str = PREDICTOR, dst: str = "transformer_decoder.") -> list[Rule]:
+    s, d = re.escape(src), dst
+    qkv = ("q", "k", "v")
+    sa, ca, ffn = (rf"{s}transformer_{n}_layers\.(\d+)\." for n in ("self_attention", "cross_attention", "ffn"))
+    return [
+        Rule(rf"{s}(query_feat|query_embed|level_embed)\.weight", rf"{d}\1.weight"),
+        Rule(rf"{s}input_proj\.(\d+)\.(weight|bias)", rf"{d}input_projs.\1.\2"),
+        Rule(sa + r"self_attn\.in_proj_(weight|bias)", None, split=tuple(rf"{d}layers.\1.self_attn.attn.{p}_proj.\2" for p in qkv)),
+        Rule(sa + r"self_attn\.out_proj\.(weight|bias)", rf"{d}layers.\1.self_attn.attn.out_proj.\2"),
+        Rule(sa + r"norm\.(weight|bias)", rf"{d}layers.\1.self_attn.norm.\2"),
+        Rule(ca + r"multihead_attn\.in_proj_(weight|bias)", None, split=tuple(rf"{d}layers.\1.cross_attn.attn.{p}_proj.\2" for p in qkv)),
+        Rule(ca + r"multihead_attn\.out_proj\.(weight|bias)", rf"{d}layers.\1.cross_attn.attn.out_proj.\2"),
+        Rule(ca + r"norm\.(weight|bias)", rf"{d}layers.\1.cross_attn.norm.\2"),
+        Rule(ffn + r"(linear1|linear2|norm)\.(weight|bias)", rf"{d}layers.\1.ffn.\2.\3"),
+        Rule(rf"{s}decoder_norm\.(weight|bias)", rf"{d}head.norm.\1"),
+        Rule(rf"{s}class_embed\.(weight|bias)", rf"{d}head.class_embed.\1"),
+        Rule(rf"{s}mask_embed\.layers\.(\d+)\.(weight|bias)", rf"{d}head.mask_embed.layers.\1.\2"),
+    ]
+
+
+def rules(backbone_type: str) -> list[Rule]:
+    """The whole rename table for a Mask2Former checkpoint with a ``"swin"`` or ``"resnet"`` backbone."""
+    if backbone_type == "swin":
+        backbone = swin_rules("backbone.", "backbone.")
+    elif backbone_type == "resnet":
+        backbone = resnet_rules("backbone.", "backbone.")
+    else:
+        raise ValueError(f"backbone_type must be 'swin' or 'resnet', got {backbone_type!r}")
+    return [
+        *backbone,
+        *pixel_decoder_rules(),
+        *predictor_rules(),
+        Rule(r"criterion\.empty_weight", None),  # loss class weights
+        Rule(r"pixel_(mean|std)", None),  # normalisation constants, applied by the image processor here
+    ]
+
+
+def convert_state_dict(
+    state_dict: Mapping[str, torch.Tensor], *, backbone_type: str | None = None, source: str = "detectron2 checkpoint"
+) -> dict[str, torch.Tensor]:
+    """Rename an original Mask2Former state dict to ours (backbone type detected when not given)."""
+    if backbone_type is None:
+        backbone_type = detect_d2_backbone(state_dict)[0]
+    return apply_rules(state_dict, rules(backbone_type), source=source)
+
+
+def _count(state_dict: Mapping[str, Any], pattern: str) -> int:
+    found = {m[1] for k in state_dict if (m := re.fullmatch(pattern, k))}
+    return len(found)
+
+
+def infer_architecture(
+    state_dict: Mapping[str, torch.Tensor], *, num_heads: int = 8, backbone_strides: tuple[int, ...] = (4, 8, 16, 32)
+) -> dict[str, Any]:
+    """Keyword arguments of ``Mask2FormerConfig`` read from an original checkpoint's shapes.
+
+    The number of attention heads does not show in the weights (``num_heads``, 8 in every published
+    model); sampling points follow from it. ``pre_norm`` is assumed False (all published models).
+    """
+    def get(key: str) -> torch.Tensor:
+        if key not in state_dict:
+            raise ConversionError(f"not a Mask2Former checkpoint: {key!r} is missing")
+        return state_dict[key]
+
+    kind, kwargs = detect_d2_backbone(state_dict)
+    pd, pr = PIXEL_DECODER, PREDICTOR
+    level_embed = get(pd + "transformer.level_embed")
+    num_levels, conv_dim = (int(n) for n in level_embed.shape)
+    offsets = get(pd + "transformer.encoder.layers.0.self_attn.sampling_offsets.weight").shape[0]
+    if offsets % (num_heads * num_levels * 2):
+        raise ConversionError(f"sampling_offsets has {offsets} rows, not a multiple of 2 * {num_levels} levels * {num_heads} heads")
+    query_feat = get(pr + "query_feat.weight")
+    hidden_dim = int(query_feat.shape[1])
+    num_fpn = _count(state_dict, re.escape(pd) + r"adapter_(\d+)\.weight")
+    first_level = len(backbone_strides) - num_levels
+    common_stride = backbone_strides[first_level - num_fpn]
+    has_input_proj = (pr + "input_proj.0.weight") in state_dict
+    return {
+        "backbone": {"name": kind, **kwargs},
+        "num_classes": int(get(pr + "class_embed.weight").shape[0]) - 1,
+        "num_queries": int(query_feat.shape[0]),
+        "hidden_dim": hidden_dim,
+        "conv_dim": conv_dim,
+        "mask_dim": int(get(pd + "mask_features.weight").shape[0]),
+        "num_heads": num_heads,
+        "encoder_layers": _count(state_dict, re.escape(pd) + r"transformer\.encoder\.layers\.(\d+)\.linear1\.weight"),
+        "encoder_ffn_dim": int(get(pd + "transformer.encoder.layers.0.linear1.weight").shape[0]),
+        "encoder_points": offsets // (num_heads * num_levels * 2),
+        "num_feature_levels": num_levels,
+        "common_stride": common_stride,
+        "decoder_layers": _count(state_dict, re.escape(pr) + r"transformer_cross_attention_layers\.(\d+)\.norm\.weight"),
+        "decoder_ffn_dim": int(get(pr + "transformer_ffn_layers.0.linear1.weight").shape[0]),
+        "pre_norm": False,
+        "enforce_input_projection": has_input_proj and conv_dim == hidden_dim,
+    }
