@@ -202,6 +202,20 @@ def test_instance_score_is_class_probability_times_mean_mask_probability():
     assert len(out["segments_info"]) == 6 and got <= expected
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_logits_are_processed_in_float32(dtype):
+    class_logits, mask_logits = (t.to(dtype) for t in _structured(2, batch=1, queries=10))
+    exact = (class_logits.float(), mask_logits.float())
+    kwargs = dict(input_size=INPUT, target_sizes=[(200, 300)])
+    for fn in (post_process_semantic, post_process_instance, post_process_panoptic):
+        half, full = fn(class_logits, mask_logits, **kwargs)[0], fn(*exact, **kwargs)[0]
+        if isinstance(half, torch.Tensor):
+            assert torch.equal(half, full)
+        else:
+            assert torch.equal(half["segmentation"], full["segmentation"])
+            assert half["segments_info"] == full["segments_info"]
+
+
 # ----------------------------------------------------------------------------- geometry of padded batches
 CANVAS = (128, 192)  # padded input; mask logits are (32, 48)
 VALID = [(128, 192), (64, 96)]  # resized sizes inside the canvas

@@ -1,14 +1,15 @@
 """Mask2Former post-processing: semantic, instance and panoptic segmentation from the raw head outputs.
 
 Inputs are plain tensors: ``class_logits`` (B, Q, K+1) (last column = "no object") and ``mask_logits``
-(B, Q, h, w) at 1/4 of the padded input size ``input_size`` = (H, W).
+(B, Q, h, w) at 1/4 of the padded input size ``input_size`` = (H, W); float16/bfloat16 logits are
+processed in float32.
 
 Geometry (that of the original detectron2 Mask2Former): the mask logits are upsampled bilinearly to the
 padded input size, each image's valid region ``image_sizes[i]`` = (h_i, w_i) (top-left, the rest is padding)
 is cropped, and the result is resized to ``target_sizes[i]`` (usually the original image size; default: the
 valid size). transformers instead upsamples to a hard-coded 384x384 and resizes that whole canvas, padding
-included; for a 384x384 input with no padding both agree exactly, which is how tests/test_processing_postprocess.py
-checks parity. Within that geometry each task follows transformers' order of operations and thresholds:
+included; for a 384x384 input with no padding both agree exactly, which is how
+tests/test_processing_postprocess.py checks parity. Within that geometry each task follows transformers' order of operations and thresholds:
 
 - semantic: per-pixel class scores ``sum_q softmax(class)[q, :K] * sigmoid(mask)[q]`` on the valid region,
   bilinearly resized to the target, then argmax;
@@ -57,7 +58,8 @@ def _check(
     image_sizes: Sizes | None,
     target_sizes: Sizes | None,
 ) -> tuple[tuple[int, int], list[tuple[int, int]], list[tuple[int, int]]]:
-    """Validate the shared arguments; returns (input_size, image_sizes, target_sizes) as int tuples."""
+    """Validate the shared arguments; returns (input_size, image_sizes, target_sizes) as int tuples.
+    Half-precision logits are computed on in float32 by the callers (``_at_least_float32``)."""
     if not isinstance(class_logits, torch.Tensor) or class_logits.dim() != 3:
         raise ValueError(f"expected class_logits (B, Q, K+1), got {getattr(class_logits, 'shape', type(class_logits))}")
     if not isinstance(mask_logits, torch.Tensor) or mask_logits.dim() != 4:
@@ -79,6 +81,11 @@ def _check(
         raise ValueError(f"image_sizes {outside} exceed the padded input_size {input_size}")
     targets = images if target_sizes is None else _size_list("target_sizes", target_sizes, batch)
     return input_size, images, targets
+
+
+def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """float16/bfloat16 -> float32: thresholds, areas and argmaxes should not hinge on 8-bit mantissas."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def valid_region_logits(
@@ -114,6 +121,7 @@ def post_process_semantic(
     """Per image a (H_t, W_t) int64 class map; with ``return_scores`` a dict with it as ``segmentation``
     and the (K, H_t, W_t) class scores as ``scores``."""
     input_size, image_sizes, target_sizes = _check(class_logits, mask_logits, input_size, image_sizes, target_sizes)
+    class_logits, mask_logits = _at_least_float32(class_logits), _at_least_float32(mask_logits)
     class_probs = class_logits.softmax(dim=-1)[..., :-1]  # (B, Q, K)
     results: list[Any] = []
     for i, (image_size, target) in enumerate(zip(image_sizes, target_sizes)):
@@ -138,6 +146,7 @@ def post_process_instance(
     """Per image ``{"segmentation": (H_t, W_t) int32 instance ids (-1 none), "segments_info": [{"id",
     "label_id", "was_fused", "score"}], "masks": (N, H_t, W_t) bool (with return_masks; may overlap)}``."""
     input_size, image_sizes, target_sizes = _check(class_logits, mask_logits, input_size, image_sizes, target_sizes)
+    class_logits, mask_logits = _at_least_float32(class_logits), _at_least_float32(mask_logits)
     num_queries, num_classes = class_logits.shape[1], class_logits.shape[2] - 1
     results = []
     for i, (image_size, target) in enumerate(zip(image_sizes, target_sizes)):
@@ -186,6 +195,7 @@ def post_process_panoptic(
     [{"id", "label_id", "was_fused", "score"}]}``; all segments of a label in ``label_ids_to_fuse`` share
     one id (and one entry, with the first segment's score)."""
     input_size, image_sizes, target_sizes = _check(class_logits, mask_logits, input_size, image_sizes, target_sizes)
+    class_logits, mask_logits = _at_least_float32(class_logits), _at_least_float32(mask_logits)
     fuse = set() if label_ids_to_fuse is None else {int(label) for label in label_ids_to_fuse}
     num_classes = class_logits.shape[2] - 1
     all_scores, all_labels = class_logits.softmax(dim=-1).max(dim=-1)  # (B, Q) each
