@@ -9,7 +9,8 @@ padded input size, each image's valid region ``image_sizes[i]`` = (h_i, w_i) (to
 is cropped, and the result is resized to ``target_sizes[i]`` (usually the original image size; default: the
 valid size). transformers instead upsamples to a hard-coded 384x384 and resizes that whole canvas, padding
 included; for a 384x384 input with no padding both agree exactly, which is how
-tests/test_processing_postprocess.py checks parity. Within that geometry each task follows transformers' order of operations and thresholds:
+tests/test_processing_postprocess.py checks parity. Within that geometry each task follows transformers'
+order of operations and thresholds:
 
 - semantic: per-pixel class scores ``sum_q softmax(class)[q, :K] * sigmoid(mask)[q]`` on the valid region,
   bilinearly resized to the target, then argmax;
