@@ -7,13 +7,15 @@
 // Forward: at::parallel_for over items; per sample the bilinear corners and weights are computed once
 // (ms_deform_attn_math.h) and applied to the four D-rows in one vectorizable pass.
 //
-// Backward without races on grad_value: the work is split into units (batch, head, query group).
-// A unit writes only grad_value[b, :, h, :] of its own group's buffer, so no two threads ever write
-// the same memory and no atomics are needed. With B*H >= threads there is one group and grad_value is
-// written in place; with fewer (batch, head) pairs than threads the queries are cut into G groups, each
-// with a private float buffer of value's size, summed at the end. This keeps every thread busy for any
-// thread count (units = B*H*G >= threads) at a memory cost of G - 1 extra value-sized buffers only
-// when B*H is small, and the result is deterministic for a given thread count.
+// Backward without races on grad_value: the work is split into units (batch, block of heads, query
+// group). A unit writes only grad_value[b, :, heads of its block, :] of its group's buffer, so no two
+// threads ever write the same memory and no atomics are needed. Head blocks are as large as an even
+// split over the threads allows (a unit walks all its heads for each query, which keeps its memory
+// accesses close together); with B*H >= threads there is one query group and grad_value is written
+// in place. With fewer (batch, head) pairs than threads the queries are cut into G groups, each with
+// a private float buffer of value's size, summed at the end. So every thread stays busy for any thread
+// count (units >= threads) at the cost of G - 1 extra value-sized buffers only when B*H is small, and
+// the result is deterministic for a given thread count.
 #include <torch/extension.h>
 
 #include <ATen/OpMathType.h>
@@ -83,17 +85,18 @@ inline void scatter_corners(const acc_t* __restrict g, const scalar_t* __restric
     w2[d] += c2 * gd;
     w3[d] += c3 * gd;
   }
-  acc_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-  for (int64_t j = 0; j < W; ++j) {
-    s0 += p0[j];
-    s1 += p1[j];
-    s2 += p2[j];
-    s3 += p3[j];
+  for (int64_t width = W / 2; width > 0; width /= 2) {  // pairwise (tree) sum of the lanes
+    for (int64_t j = 0; j < width; ++j) {
+      p0[j] += p0[j + width];
+      p1[j] += p1[j + width];
+      p2[j] += p2[j + width];
+      p3[j] += p3[j + width];
+    }
   }
-  dots[0] = s0;
-  dots[1] = s1;
-  dots[2] = s2;
-  dots[3] = s3;
+  dots[0] = p0[0];
+  dots[1] = p1[0];
+  dots[2] = p2[0];
+  dots[3] = p3[0];
 }
 
 template <typename scalar_t>
@@ -139,29 +142,52 @@ void forward_kernel(const Problem& p, const scalar_t* value, const at::opmath_ty
   });
 }
 
-// Number of query groups for the backward (see the file comment).
-int64_t backward_groups(int64_t batch_heads, int64_t Q, int64_t buffer_bytes) {
+// How the backward splits its work (see the file comment): units are (batch, block of heads, query
+// group). A unit owns the grad_value rows of its heads in its group's buffer.
+struct Partition {
+  int64_t heads_per_block = 1;
+  int64_t head_blocks = 1;
+  int64_t groups = 1;
+};
+
+Partition backward_partition(int64_t B, int64_t H, int64_t Q, int64_t buffer_bytes) {
   const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
-  if (threads <= 1 || batch_heads <= 0 || Q <= 1) return 1;
-  int64_t g = (threads + batch_heads - 1) / batch_heads;
-  // a multiple of the thread count splits evenly under the static schedule of parallel_for
-  while ((batch_heads * g) % threads != 0 && batch_heads * g < 4 * threads) ++g;
-  constexpr int64_t kMaxBytes = int64_t(1) << 30;  // extra memory cap for the private buffers
+  Partition part;
+  // Largest head blocks (a unit then walks all its heads per query: neighbouring memory) that still
+  // give every thread the same number of units; otherwise one head per unit.
+  part.heads_per_block = 1;
+  for (int64_t hpb = H; hpb >= 1; --hpb) {
+    if (H % hpb != 0) continue;
+    const int64_t units = B * (H / hpb);
+    if (units >= threads && (units % threads == 0 || units >= 4 * threads)) {
+      part.heads_per_block = hpb;
+      break;
+    }
+  }
+  part.head_blocks = H / part.heads_per_block;
+  const int64_t pairs = B * part.head_blocks;
+  if (threads <= 1 || pairs >= threads || Q <= 1) return part;
+  // Fewer (batch, head block) pairs than threads: split the queries into groups with private buffers.
+  int64_t g = (threads + pairs - 1) / pairs;
+  while ((pairs * g) % threads != 0 && pairs * g < 4 * threads) ++g;
+  constexpr int64_t kMaxBytes = int64_t(1) << 30;  // cap on the extra memory of the private buffers
   while (g > 1 && g * buffer_bytes > std::max(kMaxBytes, buffer_bytes)) --g;
-  return std::max<int64_t>(1, std::min(g, Q));
+  part.groups = std::max<int64_t>(1, std::min(g, Q));
+  return part;
 }
 
 template <typename scalar_t>
 void backward_kernel(const Problem& p, const scalar_t* value, const at::opmath_type<scalar_t>* loc,
                      const at::opmath_type<scalar_t>* attn, const scalar_t* grad_out,
-                     at::opmath_type<scalar_t>* grad_value_groups, int64_t groups,
+                     at::opmath_type<scalar_t>* grad_value_groups, const Partition& part,
                      at::opmath_type<scalar_t>* grad_loc, at::opmath_type<scalar_t>* grad_attn) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = p.B, S = p.S, Q = p.Q, H = p.H, D = p.D, L = p.L, P = p.P;
   const int64_t row_stride = H * D;
   const int64_t group_stride = B * S * H * D;  // one private grad_value buffer
+  const int64_t groups = part.groups;
   const int64_t queries_per_group = (Q + groups - 1) / groups;
-  const int64_t units = B * H * groups;
+  const int64_t units = B * part.head_blocks * groups;
 
   at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> g(D);
@@ -169,47 +195,50 @@ void backward_kernel(const Problem& p, const scalar_t* value, const at::opmath_t
     const std::vector<scalar_t> zeros(D, scalar_t(0));
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t group = unit % groups;
-      const int64_t bh = unit / groups;
-      const int64_t h = bh % H;
-      const int64_t b = bh / H;
-      const scalar_t* v_bh = value + (b * S * H + h) * D;
-      acc_t* gv_bh = grad_value_groups + group * group_stride + (b * S * H + h) * D;
+      const int64_t block = (unit / groups) % part.head_blocks;
+      const int64_t b = unit / (groups * part.head_blocks);
+      const int64_t h_begin = block * part.heads_per_block;
+      const int64_t h_end = h_begin + part.heads_per_block;
       const int64_t q_end = std::min(Q, (group + 1) * queries_per_group);
       for (int64_t q = group * queries_per_group; q < q_end; ++q) {
-        const int64_t item = (b * Q + q) * H + h;
-        const scalar_t* go = grad_out + item * D;
-        for (int64_t d = 0; d < D; ++d) g[d] = static_cast<acc_t>(go[d]);
-        const acc_t* loc_i = loc + item * L * P * 2;
-        const acc_t* attn_i = attn + item * L * P;
-        acc_t* gloc_i = grad_loc + item * L * P * 2;
-        acc_t* gattn_i = grad_attn + item * L * P;
-        for (int64_t l = 0; l < L; ++l) {
-          const int64_t height = p.heights[l], width = p.widths[l];
-          const scalar_t* v_l = v_bh + p.starts[l] * row_stride;
-          acc_t* gv_l = gv_bh + p.starts[l] * row_stride;
-          for (int64_t pt = 0; pt < P; ++pt) {
-            const int64_t s = l * P + pt;
-            Corners<acc_t> c;
-            if (!bilinear_corners(loc_i[2 * s], loc_i[2 * s + 1], height, width, c)) {
-              gloc_i[2 * s] = gloc_i[2 * s + 1] = gattn_i[s] = acc_t(0);
-              continue;
+        for (int64_t h = h_begin; h < h_end; ++h) {
+          const int64_t item = (b * Q + q) * H + h;
+          const scalar_t* v_bh = value + (b * S * H + h) * D;
+          acc_t* gv_bh = grad_value_groups + group * group_stride + (b * S * H + h) * D;
+          const scalar_t* go = grad_out + item * D;
+          for (int64_t d = 0; d < D; ++d) g[d] = static_cast<acc_t>(go[d]);
+          const acc_t* loc_i = loc + item * L * P * 2;
+          const acc_t* attn_i = attn + item * L * P;
+          acc_t* gloc_i = grad_loc + item * L * P * 2;
+          acc_t* gattn_i = grad_attn + item * L * P;
+          for (int64_t l = 0; l < L; ++l) {
+            const int64_t height = p.heights[l], width = p.widths[l];
+            const scalar_t* v_l = v_bh + p.starts[l] * row_stride;
+            acc_t* gv_l = gv_bh + p.starts[l] * row_stride;
+            for (int64_t pt = 0; pt < P; ++pt) {
+              const int64_t s = l * P + pt;
+              Corners<acc_t> c;
+              if (!bilinear_corners(loc_i[2 * s], loc_i[2 * s + 1], height, width, c)) {
+                gloc_i[2 * s] = gloc_i[2 * s + 1] = gattn_i[s] = acc_t(0);
+                continue;
+              }
+              const acc_t a = attn_i[s];
+              const scalar_t* rows[4];
+              acc_t* grows[4];
+              acc_t coef[4];
+              for (int k = 0; k < 4; ++k) {
+                rows[k] = c.inside[k] ? v_l + c.pos[k] * row_stride : zeros.data();
+                grows[k] = c.inside[k] ? gv_l + c.pos[k] * row_stride : sink.data() + k * D;
+                coef[k] = c.inside[k] ? a * c.weight[k] : acc_t(0);
+              }
+              acc_t dots[4];
+              scatter_corners(g.data(), rows[0], rows[1], rows[2], rows[3], grows[0], grows[1], grows[2], grows[3],
+                              coef, D, dots);
+              for (int k = 0; k < 4; ++k) {
+                if (!c.inside[k]) dots[k] = acc_t(0);
+              }
+              sample_gradients(c, dots, a, height, width, gloc_i[2 * s], gloc_i[2 * s + 1], gattn_i[s]);
             }
-            const acc_t a = attn_i[s];
-            const scalar_t* rows[4];
-            acc_t* grows[4];
-            acc_t coef[4];
-            for (int k = 0; k < 4; ++k) {
-              rows[k] = c.inside[k] ? v_l + c.pos[k] * row_stride : zeros.data();
-              grows[k] = c.inside[k] ? gv_l + c.pos[k] * row_stride : sink.data() + k * D;
-              coef[k] = c.inside[k] ? a * c.weight[k] : acc_t(0);
-            }
-            acc_t dots[4];
-            scatter_corners(g.data(), rows[0], rows[1], rows[2], rows[3], grows[0], grows[1], grows[2], grows[3],
-                            coef, D, dots);
-            for (int k = 0; k < 4; ++k) {
-              if (!c.inside[k]) dots[k] = acc_t(0);
-            }
-            sample_gradients(c, dots, a, height, width, gloc_i[2 * s], gloc_i[2 * s + 1], gattn_i[s]);
           }
         }
       }
@@ -244,17 +273,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& va
   }
   const auto acc_options = value.options().dtype(p.coord_dtype);
   const int64_t acc_bytes = p.coord_dtype == at::kDouble ? 8 : 4;
-  const int64_t groups = backward_groups(p.B * p.H, p.Q, value.numel() * acc_bytes);
+  const Partition part = backward_partition(p.B, p.H, p.Q, value.numel() * acc_bytes);
   // (G, B, S, H, D): one private accumulation buffer per query group
-  at::Tensor buffers = at::zeros({groups, p.B, p.S, p.H, p.D}, acc_options);
+  at::Tensor buffers = at::zeros({part.groups, p.B, p.S, p.H, p.D}, acc_options);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     backward_kernel<scalar_t>(p, value.data_ptr<scalar_t>(), sampling_locations.data_ptr<acc_t>(),
                               attention_weights.data_ptr<acc_t>(), grad_output.data_ptr<scalar_t>(),
-                              buffers.data_ptr<acc_t>(), groups, grad_loc.data_ptr<acc_t>(),
+                              buffers.data_ptr<acc_t>(), part, grad_loc.data_ptr<acc_t>(),
                               grad_attn.data_ptr<acc_t>());
   });
-  at::Tensor grad_value = groups == 1 ? buffers.select(0, 0) : buffers.sum(0);
+  at::Tensor grad_value = part.groups == 1 ? buffers.select(0, 0) : buffers.sum(0);
   return {grad_value.to(value.scalar_type()), grad_loc, grad_attn};
 }
 

@@ -100,15 +100,19 @@ def test_forward_and_gradients_match_reference_float64(ext, seed):
     torch.testing.assert_close(gl, ref_gl, rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("heads", [1, 4])
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_grouped_backward_matches_reference(ext, threads):
-    # a single (batch, head) pair leaves one work unit per query group: with several threads the
-    # queries are split over private grad_value buffers that are summed at the end
-    value, shapes, starts, loc, w = random_problem(3)
-    value, loc, w = value[:1, :, :1].contiguous(), loc[:1, :, :1].contiguous(), w[:1, :, :1].contiguous()
-    loc = loc.repeat(1, 7, 1, 1, 1, 1)  # several queries per group, many hitting the same rows
-    w = w.repeat(1, 7, 1, 1, 1)
-    grad_out = torch.randn(1, loc.shape[1], value.shape[3], dtype=torch.float64)
+def test_backward_work_split_matches_reference(ext, threads, heads):
+    # The backward splits (batch, head block, query group) over threads: one head with several threads
+    # gives query groups with private grad_value buffers summed at the end; four heads give blocks of
+    # 4, 2 or 1 heads depending on the thread count.
+    g = torch.Generator().manual_seed(heads * 10 + threads)
+    shapes, starts, S = level_table([(7, 5), (3, 11), (1, 1)])
+    Q, L, P, D = 23, 3, 4, 6
+    value = torch.randn(1, S, heads, D, generator=g, dtype=torch.float64)
+    loc = torch.rand(1, Q, heads, L, P, 2, generator=g, dtype=torch.float64) * 1.2 - 0.1
+    w = torch.rand(1, Q, heads, L, P, generator=g, dtype=torch.float64)
+    grad_out = torch.randn(1, Q, heads * D, generator=g, dtype=torch.float64)
     _, (ref_gv, ref_gl, ref_gw) = reference_with_grads(value, shapes, starts, loc, w, grad_out)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
