@@ -1,0 +1,166 @@
+"""The maskformers command line: segment (outputs, bad images, exit codes), convert, info."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from mask2former_helpers import make_hf_model, save_hf, tiny_hf_config
+from maskformers.cli import main
+from maskformers.models import Mask2Former
+from maskformers.processing import ImageProcessor, load_image, post_process_panoptic
+from maskformers.processing.visualize import segmentation_to_png
+
+PREPROCESSOR = {
+    "do_resize": True, "size": {"height": 64, "width": 64}, "size_divisor": 32, "resample": 2,
+    "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+    "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225],
+    "image_processor_type": "Mask2FormerImageProcessor",
+}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-mask2former")
+    config = tiny_hf_config(num_labels=4)
+    config.id2label = {0: "cat", 1: "dog", 2: "sky", 3: "road"}
+    config.label2id = {v: k for k, v in config.id2label.items()}
+    # scale 0.5: class logits spread enough that some queries clear the thresholds
+    save_hf(make_hf_model(config, seed=3, scale=0.5), folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    paths = {
+        "rgb": folder / "street.png",
+        "gray": folder / "gray.jpg",
+        "corrupt": folder / "broken.png",
+        "empty": folder / "empty.jpg",
+        "missing": folder / "nowhere.png",
+    }
+    PIL.Image.fromarray(rng.integers(0, 255, (50, 70, 3), dtype=np.uint8)).save(paths["rgb"])
+    PIL.Image.fromarray(rng.integers(0, 255, (33, 41), dtype=np.uint8), mode="L").save(paths["gray"])
+    paths["corrupt"].write_bytes(b"\x89PNG\r\n\x1a\n this is not really a png")
+    paths["empty"].write_bytes(b"")
+    return paths
+
+
+def read_outputs(out: Path, stem: str):
+    seg = np.asarray(PIL.Image.open(out / f"{stem}_segmentation.png"))
+    overlay = PIL.Image.open(out / f"{stem}_overlay.png")
+    record = json.loads((out / f"{stem}_segments.json").read_text())
+    return seg, overlay, record
+
+
+def test_segment_panoptic_writes_consistent_outputs(checkpoint, images, tmp_path):
+    out = tmp_path / "out"
+    code = main(["segment", str(images["rgb"]), str(images["gray"]), "--model", str(checkpoint),
+                 "--task", "panoptic", "--threshold", "0.1", "--out", str(out), "--quiet"])
+    assert code == 0
+    seg, overlay, record = read_outputs(out, "street")
+    assert seg.shape == (50, 70)
+    assert overlay.width > 70 and overlay.height >= 50  # image plus a legend panel
+    assert record["task"] == "panoptic" and (record["height"], record["width"]) == (50, 70)
+
+    # the PNG is exactly what the library computes for that image
+    model = Mask2Former.from_pretrained(checkpoint)
+    processor = ImageProcessor.from_pretrained(checkpoint)
+    inputs = processor(load_image(images["rgb"]))
+    with torch.no_grad():
+        output = model(inputs["pixel_values"])
+    expected = post_process_panoptic(
+        output.class_logits, output.mask_logits, input_size=inputs["pixel_values"].shape[-2:],
+        image_sizes=inputs["image_sizes"], target_sizes=inputs["original_sizes"], threshold=0.1,
+    )[0]
+    np.testing.assert_array_equal(seg, expected["segmentation"].numpy())
+    assert [s["id"] for s in record["segments"]] == [s["id"] for s in expected["segments_info"]]
+    assert len(record["segments"]) > 0
+    for s in record["segments"]:
+        assert s["label"] == {0: "cat", 1: "dog", 2: "sky", 3: "road"}[s["label_id"]]
+        assert s["area"] == int((seg == s["id"]).sum())
+    assert sum(s["area"] for s in record["segments"]) + int((seg == 0).sum()) == 50 * 70
+
+    seg_gray, _, _ = read_outputs(out, "gray")
+    assert seg_gray.shape == (33, 41)
+
+
+@pytest.mark.parametrize("task", ["semantic", "instance"])
+def test_segment_other_tasks(checkpoint, images, tmp_path, task):
+    out = tmp_path / task
+    assert main(["segment", str(images["rgb"]), "--model", str(checkpoint), "--task", task,
+                 "--threshold", "0.05", "--out", str(out), "--quiet"]) == 0
+    seg, _, record = read_outputs(out, "street")
+    assert seg.shape == (50, 70)
+    if task == "semantic":
+        assert set(np.unique(seg).tolist()) == {s["id"] for s in record["segments"]}
+        assert seg.max() < 4
+    else:  # instance ids are stored + 1 so that 0 means "no instance"
+        ids = {s["id"] + 1 for s in record["segments"]}
+        assert set(np.unique(seg).tolist()) <= ids | {0}
+
+
+def test_segment_skips_bad_images_and_fails_at_the_end(checkpoint, images, tmp_path, capsys):
+    out = tmp_path / "mixed"
+    code = main(["segment", str(images["corrupt"]), str(images["rgb"]), str(images["empty"]), str(images["missing"]),
+                 "--model", str(checkpoint), "--out", str(out), "--quiet"])
+    assert code == 1
+    assert (out / "street_segmentation.png").is_file()  # the good image is still processed
+    assert not (out / "broken_segmentation.png").exists() and not (out / "empty_segmentation.png").exists()
+    err = capsys.readouterr().err
+    assert "segmented 1 of 4" in err
+    for key in ("corrupt", "empty", "missing"):
+        assert f"failed: {images[key]}" in err
+
+
+def test_segment_same_stem_does_not_overwrite(checkpoint, images, tmp_path):
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    twin = other / images["rgb"].name
+    PIL.Image.new("RGB", (20, 30), (200, 10, 10)).save(twin)
+    out = tmp_path / "twins"
+    assert main(["segment", str(images["rgb"]), str(twin), "--model", str(checkpoint), "--out", str(out), "--quiet"]) == 0
+    assert np.asarray(PIL.Image.open(out / "street_segmentation.png")).shape == (50, 70)
+    assert np.asarray(PIL.Image.open(out / "street-2_segmentation.png")).shape == (30, 20)
+
+
+def test_segment_bad_model_path(tmp_path, images, capsys):
+    code = main(["segment", str(images["rgb"]), "--model", str(tmp_path / "no-such-model"), "--out", str(tmp_path)])
+    assert code == 2
+    assert "cannot load model" in capsys.readouterr().err
+
+
+def test_convert_round_trip(checkpoint, tmp_path):
+    dst = tmp_path / "ours"
+    assert main(["convert", str(checkpoint), str(dst)]) == 0
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        a = Mask2Former.from_pretrained(checkpoint)(x)
+        b = Mask2Former.from_pretrained(dst)(x)
+    torch.testing.assert_close(b.class_logits, a.class_logits, rtol=0, atol=0)
+    torch.testing.assert_close(b.mask_logits, a.mask_logits, rtol=0, atol=0)
+    assert Mask2Former.from_pretrained(dst).id2label == {0: "cat", 1: "dog", 2: "sky", 3: "road"}
+
+
+def test_segmentation_png_depth_and_range():
+    small = segmentation_to_png(torch.tensor([[0, 3], [255, 1]]))
+    assert small.mode == "L"
+    big = segmentation_to_png(torch.tensor([[0, 300]]))
+    assert np.asarray(big).max() == 300
+    assert np.asarray(segmentation_to_png(torch.tensor([[-1, 2]]), offset=1)).tolist() == [[0, 3]]
+    with pytest.raises(ValueError, match=r"\[-1, 2\]"):
+        segmentation_to_png(torch.tensor([[-1, 2]]))
+
+
+def test_info_runs(capsys):
+    assert main(["info"]) == 0
+    text = capsys.readouterr().out
+    assert "torch" in text and "cpu" in text.lower()
