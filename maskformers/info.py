@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .ops import build
+from .ops import build, toolchain
 
 __all__ = ["main", "native_status"]
 
@@ -43,18 +43,18 @@ def _torch_line() -> str:
 def _nvcc_line() -> str:
     if not torch.version.cuda:
         return "not needed (torch is a CPU-only build)"
-    root, how = build.find_cuda_home()
+    root, how = toolchain.find_cuda_home()
     if root is None:
         return f"not found: {how}"
-    release = build.nvcc_version(root)
+    release = toolchain.nvcc_version(root)
     return f"{release or 'unknown version'} at {root} ({how})"
 
 
 def _compiler_line() -> str:
-    compiler = build._compiler()
+    compiler = toolchain.cxx_compiler()
     if compiler is None:
         return "not found (install g++ or clang, or set CXX)"
-    return f"{compiler} ({build._run_version([compiler, '--version'])})"
+    return f"{compiler} ({toolchain.tool_version([compiler, '--version'])})"
 
 
 def native_status(device_type: str, *, compile_now: bool = False) -> tuple[str, str]:

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from maskformers import info
-from maskformers.ops import build
+from maskformers.ops import build, toolchain
 
 REPO = Path(__file__).resolve().parent.parent
 SOURCE_FILES = ("ms_deform_attn_math.h", "ms_deform_attn_checks.h", "ms_deform_attn_cpu.cpp",
@@ -84,7 +84,7 @@ def test_missing_compiler_is_explained(monkeypatch, fresh_build_state):
 
 
 def test_missing_ninja_is_explained(monkeypatch):
-    monkeypatch.setattr(build, "_ninja", lambda: None)
+    monkeypatch.setattr(toolchain, "ninja_path", lambda: None)
     with pytest.raises(build.NativeOpUnavailable, match="ninja"):
         build.build_plan("cpu")
 
@@ -105,7 +105,7 @@ def test_bad_cuda_home_is_explained(monkeypatch, tmp_path):
 @pytest.mark.skipif(not torch.version.cuda, reason="torch is a CPU-only build")
 def test_no_toolkit_is_explained(monkeypatch, tmp_path):
     isolate_path(monkeypatch, tmp_path)
-    monkeypatch.setattr(build, "_is_toolkit_root", lambda path: False)
+    monkeypatch.setattr(toolchain, "_is_toolkit_root", lambda path: False)
     with pytest.raises(build.NativeOpUnavailable, match="no CUDA toolkit found \\(set CUDA_HOME"):
         build.build_plan("cuda")
 
@@ -114,7 +114,7 @@ def test_no_toolkit_is_explained(monkeypatch, tmp_path):
 def test_nvcc_major_version_mismatch_is_explained(monkeypatch, tmp_path):
     toolkit = fake_toolkit(tmp_path / "cuda")
     monkeypatch.setenv("CUDA_HOME", str(toolkit))
-    monkeypatch.setattr(build, "nvcc_version", lambda root: "9.2")
+    monkeypatch.setattr(toolchain, "nvcc_version", lambda root: "9.2")
     with pytest.raises(build.NativeOpUnavailable, match=f"nvcc 9.2 in .* does not match the CUDA {torch.version.cuda}"):
         build.build_plan("cuda")
 
@@ -152,7 +152,7 @@ def test_cuda_home_env_is_respected(monkeypatch, tmp_path):
     chosen = fake_toolkit(tmp_path / "chosen")
     isolate_path(monkeypatch, on_path / "bin")
     monkeypatch.setenv("CUDA_HOME", str(chosen))
-    root, how = build.find_cuda_home()
+    root, how = toolchain.find_cuda_home()
     assert root == chosen and how == f"CUDA_HOME={chosen}"
 
 
@@ -162,7 +162,7 @@ def test_cuda_home_behind_a_symlinked_nvcc(monkeypatch, tmp_path):
     links.mkdir()
     (links / "nvcc").symlink_to(toolkit / "bin" / "nvcc")
     isolate_path(monkeypatch, links)
-    root, how = build.find_cuda_home()
+    root, how = toolchain.find_cuda_home()
     assert root == toolkit and "nvcc on PATH" in how
 
 
@@ -172,7 +172,7 @@ def test_cuda_home_behind_a_wrapper_script(monkeypatch, tmp_path):
     wrappers = tmp_path / "wrappers"
     write_executable(wrappers / "nvcc", f'#!/bin/sh\nexec {toolkit}/bin/nvcc "$@"\n')
     isolate_path(monkeypatch, wrappers)
-    root, how = build.find_cuda_home()
+    root, how = toolchain.find_cuda_home()
     assert root == toolkit and str(wrappers / "nvcc") in how
 
 
@@ -183,7 +183,7 @@ def test_cuda_home_behind_an_opaque_wrapper(monkeypatch, tmp_path):
     wrappers = tmp_path / "wrappers"
     write_executable(wrappers / "nvcc", f'#!/bin/sh\nexec "$(cat {tmp_path / "where"})" "$@"\n')
     isolate_path(monkeypatch, wrappers)
-    root, _ = build.find_cuda_home()
+    root, _ = toolchain.find_cuda_home()
     assert root == toolkit
 
 
@@ -192,7 +192,7 @@ def test_arch_flags_default_and_env(monkeypatch, tmp_path):
     monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: ["sm_75", "sm_80", "sm_90"])
-    flags, desc = build._arch_list(toolkit)  # torch's architectures this nvcc supports, PTX of the newest
+    flags, desc = toolchain.cuda_arch_flags(toolkit)  # torch's architectures this nvcc supports, PTX of the newest
     assert flags == [
         "-gencode=arch=compute_80,code=sm_80",
         "-gencode=arch=compute_90,code=sm_90",
@@ -201,13 +201,16 @@ def test_arch_flags_default_and_env(monkeypatch, tmp_path):
     assert "8.0;9.0+PTX" in desc
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: (8, 6))
-    flags, desc = build._arch_list(toolkit)  # the visible GPU's architecture
-    assert flags == ["-gencode=arch=compute_86,code=sm_86", "-gencode=arch=compute_86,code=compute_86"]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: (9, 0))
+    flags, desc = toolchain.cuda_arch_flags(toolkit)  # the visible GPU's architecture
+    assert flags == ["-gencode=arch=compute_90,code=sm_90", "-gencode=arch=compute_90,code=compute_90"]
     assert desc.startswith("visible GPUs")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: (8, 6))
+    flags, _ = toolchain.cuda_arch_flags(toolkit)  # no sm_86 in this nvcc: the nearest older target
+    assert flags == ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_80,code=compute_80"]
 
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.9")
-    assert build._arch_list(toolkit) == ([], "TORCH_CUDA_ARCH_LIST=8.9")
+    assert toolchain.cuda_arch_flags(toolkit) == ([], "TORCH_CUDA_ARCH_LIST=8.9")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -283,18 +286,18 @@ def test_wheel_ships_the_sources(tmp_path):
 def _cuda_build_skip_reason() -> str:
     if not torch.version.cuda:
         return "torch is a CPU-only build"
-    root, how = build.find_cuda_home()
+    root, how = toolchain.find_cuda_home()
     if root is None:
         return how
-    if build._compiler() is None or build._ninja() is None:
+    if toolchain.cxx_compiler() is None or toolchain.ninja_path() is None:
         return "no C++ compiler or ninja"
     return ""
 
 
 @pytest.mark.skipif(bool(_cuda_build_skip_reason()), reason=_cuda_build_skip_reason() or "ok")
 def test_cuda_extension_compiles_and_imports(monkeypatch, fresh_build_state):
-    root, _ = build.find_cuda_home()
-    supported = build._nvcc_archs(root)
+    root, _ = toolchain.find_cuda_home()
+    supported = toolchain.nvcc_archs(root)
     arch = (8, 0) if (8, 0) in supported or not supported else supported[0]
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", f"{arch[0]}.{arch[1]}")  # one architecture keeps CI short
     ext = build.load_extension("cuda")

@@ -16,15 +16,12 @@ prebuilds and reports. Environment: ``MASKFORMERS_OPS_CACHE`` (cache root, defau
 from __future__ import annotations
 
 import argparse
-import glob
 import hashlib
 import importlib.util
 import logging
 import os
-import platform
 import re
 import shutil
-import subprocess
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -33,13 +30,14 @@ from types import ModuleType
 
 import torch
 
+from . import toolchain
+
 __all__ = [
     "DEVICE_TYPES",
     "NativeOpUnavailable",
     "BuildPlan",
     "build_plan",
     "cache_root",
-    "find_cuda_home",
     "is_built",
     "load_extension",
     "main",
@@ -109,148 +107,6 @@ def cache_root() -> Path:
     return Path(xdg) / "maskformers" / "ops"
 
 
-def _is_toolkit_root(path: Path) -> bool:
-    if not (path / "bin" / "nvcc").is_file():
-        return False
-    lib_dirs = ("lib64", "lib", "targets/x86_64-linux/lib", "targets/sbsa-linux/lib")
-    return any((path / d / "libcudart.so").exists() for d in lib_dirs)
-
-
-def _toolkit_from_nvcc(nvcc: str) -> Path | None:
-    """The toolkit root behind an nvcc on PATH, also when that nvcc is a symlink or a wrapper script."""
-    real = Path(os.path.realpath(nvcc))
-    if _is_toolkit_root(real.parent.parent):
-        return real.parent.parent
-    try:  # a small shell wrapper that execs the real nvcc: read the absolute paths it names
-        if real.stat().st_size < 64 * 1024:
-            text = real.read_text(errors="ignore")
-            for match in re.findall(r"(/[^\s'\"]+)/bin/nvcc\b", text):
-                if _is_toolkit_root(Path(match)):
-                    return Path(match)
-    except OSError:
-        pass
-    try:  # whatever the wrapper does, the real driver reports its own folder in a dry run
-        proc = subprocess.run(
-            [nvcc, "-dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
-            capture_output=True, text=True, timeout=60,
-        )
-        match = re.search(r"_HERE_=(\S+)", proc.stdout + proc.stderr)
-        if match and _is_toolkit_root(Path(match.group(1)).parent):
-            return Path(match.group(1)).parent.resolve()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return None
-
-
-def find_cuda_home() -> tuple[Path | None, str]:
-    """(toolkit root, how it was found) or (None, why not). ``CUDA_HOME``/``CUDA_PATH`` win when set."""
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        value = os.environ.get(var)
-        if value:
-            path = Path(value).expanduser()
-            if (path / "bin" / "nvcc").is_file():
-                return path, f"{var}={value}"
-            return None, f"{var}={value} has no bin/nvcc"
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        root = _toolkit_from_nvcc(nvcc)
-        if root is not None:
-            return root, f"nvcc on PATH ({nvcc})"
-    cuda_version = torch.version.cuda or ""
-    common = [f"/usr/local/cuda-{cuda_version}", "/usr/local/cuda", "/opt/cuda", *sorted(glob.glob("/usr/local/cuda-*"))]
-    for candidate in common:
-        if candidate and _is_toolkit_root(Path(candidate)):
-            return Path(candidate), f"found at {candidate}"
-    looked = f"nvcc on PATH: {nvcc or 'none'}; " + ", ".join(dict.fromkeys(c for c in common if c))
-    return None, f"no CUDA toolkit found (set CUDA_HOME to the folder with bin/nvcc; looked at {looked})"
-
-
-def _run_version(cmd: list[str]) -> str:
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.SubprocessError) as exc:
-        return f"unavailable ({exc})"
-    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
-    return lines[0].strip() if lines else "unknown"
-
-
-def nvcc_version(cuda_home: Path) -> str:
-    """Release of the nvcc in ``cuda_home`` as "major.minor", or "" when it cannot be read."""
-    try:
-        out = subprocess.run([str(cuda_home / "bin" / "nvcc"), "--version"], capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.SubprocessError):
-        return ""
-    match = re.search(r"release (\d+\.\d+)", out.stdout)
-    return match.group(1) if match else ""
-
-
-def _ninja() -> str | None:
-    return shutil.which("ninja")
-
-
-def _compiler() -> str | None:
-    return shutil.which(os.environ.get("CXX", "c++"))
-
-
-def _host_cpu_id() -> str:
-    """Identity of the host CPU for the cache key of ``-march=native`` builds."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            info = f.read()
-        fields = [re.search(rf"^{key}\s*:\s*(.*)$", info, re.M) for key in ("model name", "flags", "Features")]
-        return platform.machine() + "|" + "|".join(m.group(1) for m in fields if m)
-    except OSError:
-        return f"{platform.machine()}|{platform.processor()}"
-
-
-def _cpu_flags() -> tuple[list[str], list[str], str]:
-    """(compile flags, link flags, CPU identity folded into the cache key)."""
-    cflags, ldflags, cpu_id = ["-O3"], [], ""
-    if sys.platform.startswith("linux"):
-        if torch.backends.openmp.is_available():  # at::parallel_for runs serially without -fopenmp
-            cflags.append("-fopenmp")
-            ldflags.append("-fopenmp")
-        if platform.machine() in ("x86_64", "AMD64", "aarch64"):
-            cflags.append("-march=native")
-            cpu_id = _host_cpu_id()
-    return cflags, ldflags, cpu_id
-
-
-def _nvcc_archs(cuda_home: Path) -> list[tuple[int, int]]:
-    """Real architectures (sm_XY) this nvcc can compile for; empty when it cannot tell."""
-    try:
-        out = subprocess.run(
-            [str(cuda_home / "bin" / "nvcc"), "--list-gpu-code"], capture_output=True, text=True, timeout=60
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return []
-    return sorted({(int(m[:-1]), int(m[-1])) for m in re.findall(r"\bsm_(\d+)\b", out)})
-
-
-def _arch_list(cuda_home: Path) -> tuple[list[str], str]:
-    """(nvcc -gencode flags, description). Empty flags leave TORCH_CUDA_ARCH_LIST to torch, which parses it."""
-    env = os.environ.get("TORCH_CUDA_ARCH_LIST")
-    if env:
-        return [], f"TORCH_CUDA_ARCH_LIST={env}"
-    supported = _nvcc_archs(cuda_home)
-    caps = sorted({tuple(torch.cuda.get_device_capability(i)) for i in range(torch.cuda.device_count())})
-    if caps:
-        source = "visible GPUs"
-        if supported:  # a GPU newer than this nvcc runs the PTX of the newest architecture it knows
-            caps = sorted({min(cap, supported[-1]) for cap in caps})
-    else:
-        caps = sorted({(int(a[3:-1]), int(a[-1])) for a in torch.cuda.get_arch_list() if re.fullmatch(r"sm_\d+", a)})
-        source = "no GPU visible: the architectures torch was built for"
-        if supported:
-            caps = [cap for cap in caps if cap in supported] or supported[-1:]
-    if not caps:
-        caps, source = [(7, 5), (8, 0), (8, 6), (9, 0)], "built-in default"
-    flags = [f"-gencode=arch=compute_{ma}{mi},code=sm_{ma}{mi}" for ma, mi in caps]
-    ma, mi = caps[-1]
-    flags.append(f"-gencode=arch=compute_{ma}{mi},code=compute_{ma}{mi}")  # PTX for newer GPUs
-    return flags, f"{source}: {';'.join(f'{a}.{b}' for a, b in caps)}+PTX"
-
-
 def _digest(parts: list[str], files: list[Path]) -> str:
     h = hashlib.sha256()
     for part in parts:
@@ -269,12 +125,12 @@ def build_plan(device_type: str) -> BuildPlan:
             f"{', '.join(repr(d) for d in DEVICE_TYPES)})"
         )
     src = source_dir()
-    compiler = _compiler()
+    compiler = toolchain.cxx_compiler()
     if compiler is None:
         raise NativeOpUnavailable(
             f"no C++ compiler: {os.environ.get('CXX', 'c++')!r} is not on PATH (install g++ or clang, or set CXX)"
         )
-    if _ninja() is None:
+    if toolchain.ninja_path() is None:
         hint = (
             "the ninja Python package is installed but its `ninja` command is not on PATH"
             if importlib.util.find_spec("ninja") is not None
@@ -282,12 +138,12 @@ def build_plan(device_type: str) -> BuildPlan:
         )
         raise NativeOpUnavailable(f"{hint}; torch builds C++ extensions with ninja")
     cuda_tag = f"cu{torch.version.cuda}" if torch.version.cuda else "cpuonly"
-    description = {"compiler": f"{compiler} ({_run_version([compiler, '--version'])})"}
+    description = {"compiler": f"{compiler} ({toolchain.tool_version([compiler, '--version'])})"}
     key_parts = [torch.__version__, cuda_tag, sys.implementation.cache_tag or "", description["compiler"]]
     cuda_home, cuda_cflags = None, []
 
     if device_type == "cpu":
-        cflags, ldflags, cpu_id = _cpu_flags()
+        cflags, ldflags, cpu_id = toolchain.cpu_build_flags()
         key_parts += [cpu_id]
     else:
         if getattr(torch.version, "hip", None):
@@ -296,10 +152,10 @@ def build_plan(device_type: str) -> BuildPlan:
             raise NativeOpUnavailable(
                 f"torch {torch.__version__} is a CPU-only build (torch.version.cuda is None); install a CUDA build"
             )
-        cuda_home, how = find_cuda_home()
+        cuda_home, how = toolchain.find_cuda_home()
         if cuda_home is None:
             raise NativeOpUnavailable(how)
-        nvcc_release = nvcc_version(cuda_home)
+        nvcc_release = toolchain.nvcc_version(cuda_home)
         if not nvcc_release:
             raise NativeOpUnavailable(f"cannot run {cuda_home / 'bin' / 'nvcc'} --version (toolkit from {how})")
         if nvcc_release.split(".")[0] != torch.version.cuda.split(".")[0]:
@@ -307,7 +163,7 @@ def build_plan(device_type: str) -> BuildPlan:
                 f"nvcc {nvcc_release} in {cuda_home} ({how}) does not match the CUDA {torch.version.cuda} "
                 "torch was built with; point CUDA_HOME at a matching toolkit"
             )
-        arch_flags, arch_desc = _arch_list(cuda_home)
+        arch_flags, arch_desc = toolchain.cuda_arch_flags(cuda_home)
         cflags, ldflags = ["-O3"], []
         cuda_cflags = ["-O3", *arch_flags]
         description.update(cuda_home=f"{cuda_home} ({how})", nvcc=nvcc_release, architectures=arch_desc)
@@ -316,7 +172,9 @@ def build_plan(device_type: str) -> BuildPlan:
     files = [src / name for name in (*_HEADERS, *_SOURCES[device_type])]
     digest = _digest(key_parts + cflags + cuda_cflags + ldflags, files)
     folder = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{device_type}-torch{torch.__version__}-{cuda_tag}-{digest[:16]}")
-    description["cflags"] = " ".join(cflags + cuda_cflags)
+    description["cflags"] = " ".join(cflags)
+    if cuda_cflags:
+        description["nvcc flags"] = " ".join(cuda_cflags)
     return BuildPlan(
         device_type=device_type,
         name=f"maskformers_msda_{device_type}_{digest[:12]}",
