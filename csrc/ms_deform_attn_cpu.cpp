@@ -26,6 +26,10 @@
 #include <tuple>
 #include <vector>
 
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
+
 #include "ms_deform_attn_checks.h"
 #include "ms_deform_attn_math.h"
 
@@ -36,6 +40,37 @@ namespace {
 // vectorizes without reassociation flags and keeps the summation order deterministic.
 template <typename acc_t>
 constexpr int64_t kDotLanes = 64 / static_cast<int64_t>(sizeof(acc_t));
+
+// How the kernels read a corner row of value: in place, except float16 rows, which are converted to
+// float into a scratch row first (8 lanes at a time with F16C) because the element-wise half -> float
+// conversion does not vectorize. bfloat16 converts by a shift, which vectorizes in place.
+template <typename scalar_t>
+struct RowReader {
+  using row_t = scalar_t;
+  explicit RowReader(int64_t) {}
+  const row_t* read(const scalar_t* row, int) { return row; }
+};
+
+template <>
+struct RowReader<c10::Half> {
+  using row_t = float;
+  explicit RowReader(int64_t D) : D_(D), scratch_(4 * D) {}
+  const float* read(const c10::Half* row, int k) {
+    float* dst = scratch_.data() + k * D_;
+    int64_t d = 0;
+#if defined(__F16C__)
+    for (; d + 8 <= D_; d += 8) {
+      _mm256_storeu_ps(dst + d, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + d))));
+    }
+#endif
+    for (; d < D_; ++d) dst[d] = static_cast<float>(row[d]);
+    return dst;
+  }
+
+ private:
+  int64_t D_;
+  std::vector<float> scratch_;
+};
 
 // acc[d] += sum_k coef[k] * rows[k][d] for d < D (all four rows readable; unused corners point to zeros)
 template <typename scalar_t, typename acc_t>
@@ -110,8 +145,10 @@ void forward_kernel(const Problem& p, const scalar_t* value, const at::opmath_ty
   const int64_t grain = std::max<int64_t>(1, 65536 / cost);
 
   at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
+    using row_t = typename RowReader<scalar_t>::row_t;
+    RowReader<scalar_t> reader(D);
     std::vector<acc_t> acc(D);
-    const std::vector<scalar_t> zeros(D, scalar_t(0));
+    const std::vector<row_t> zeros(D, row_t(0));
     for (int64_t item = begin; item < end; ++item) {
       const int64_t h = item % H;
       const int64_t b = item / (Q * H);
@@ -127,10 +164,10 @@ void forward_kernel(const Problem& p, const scalar_t* value, const at::opmath_ty
           Corners<acc_t> c;
           if (!bilinear_corners(loc_i[2 * s], loc_i[2 * s + 1], height, width, c)) continue;
           const acc_t a = attn_i[s];
-          const scalar_t* rows[4];
+          const row_t* rows[4];
           acc_t coef[4];
           for (int k = 0; k < 4; ++k) {
-            rows[k] = c.inside[k] ? v_l + c.pos[k] * row_stride : zeros.data();
+            rows[k] = c.inside[k] ? reader.read(v_l + c.pos[k] * row_stride, k) : zeros.data();
             coef[k] = c.inside[k] ? a * c.weight[k] : acc_t(0);
           }
           gather_corners(acc.data(), rows[0], rows[1], rows[2], rows[3], coef, D);
@@ -190,9 +227,11 @@ void backward_kernel(const Problem& p, const scalar_t* value, const at::opmath_t
   const int64_t units = B * part.head_blocks * groups;
 
   at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
+    using row_t = typename RowReader<scalar_t>::row_t;
+    RowReader<scalar_t> reader(D);
     std::vector<acc_t> g(D);
     std::vector<acc_t> sink(4 * D);  // written by corners outside the level, never read
-    const std::vector<scalar_t> zeros(D, scalar_t(0));
+    const std::vector<row_t> zeros(D, row_t(0));
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t group = unit % groups;
       const int64_t block = (unit / groups) % part.head_blocks;
@@ -223,11 +262,11 @@ void backward_kernel(const Problem& p, const scalar_t* value, const at::opmath_t
                 continue;
               }
               const acc_t a = attn_i[s];
-              const scalar_t* rows[4];
+              const row_t* rows[4];
               acc_t* grows[4];
               acc_t coef[4];
               for (int k = 0; k < 4; ++k) {
-                rows[k] = c.inside[k] ? v_l + c.pos[k] * row_stride : zeros.data();
+                rows[k] = c.inside[k] ? reader.read(v_l + c.pos[k] * row_stride, k) : zeros.data();
                 grows[k] = c.inside[k] ? gv_l + c.pos[k] * row_stride : sink.data() + k * D;
                 coef[k] = c.inside[k] ? a * c.weight[k] : acc_t(0);
               }
