@@ -17,7 +17,6 @@ import warnings
 
 import torch
 
-from . import build
 from .reference import ms_deform_attn_reference
 from .validation import check_inputs, check_level_values, coord_dtype
 
@@ -40,6 +39,8 @@ def _native_forward(
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
 ) -> torch.Tensor:
+    from . import build
+
     check_level_values(spatial_shapes, level_start_index, value.shape[1])
     ext = build.load_extension(value.device.type)
     return ext.forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
@@ -60,6 +61,8 @@ def _native_backward(
     attention_weights: torch.Tensor,
     grad_output: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from . import build
+
     check_level_values(spatial_shapes, level_start_index, value.shape[1])
     ext = build.load_extension(value.device.type)
     grad_value, grad_locations, grad_weights = ext.backward(
@@ -99,6 +102,8 @@ _warned_fallback: set[str] = set()
 @torch.compiler.assume_constant_result
 def _native_reason(device_type: str) -> str:
     """Empty string when the native kernel for ``device_type`` loads, else why it does not."""
+    from . import build  # imported here so that `python -m maskformers.ops.build` runs it only once
+
     try:
         build.load_extension(device_type)
     except build.NativeOpUnavailable as exc:
