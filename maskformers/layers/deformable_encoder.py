@@ -70,10 +70,13 @@ class DeformableEncoderLayer(nn.Module):
         padding_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x (B, S, C); pos (B or 1, S, C); reference_points (B or 1, S, L, 2). Returns (B, S, C)."""
+        # The residual sums and the ReLU write into freshly made tensors (same values as out-of-place,
+        # autograd-safe): at 1/8-resolution sequence lengths, new allocations cost more than the math.
         y = self.self_attn(x + pos, reference_points, x, spatial_shapes, level_start_index, padding_mask)
-        x = self.norm1(x + self.dropout(y))
-        y = self.linear2(self.dropout(F.relu(self.linear1(x))))
-        return self.norm2(x + self.dropout(y))
+        x = self.norm1(self.dropout(y).add_(x))
+        h = F.relu(self.linear1(x), inplace=True)
+        y = self.linear2(self.dropout(h))
+        return self.norm2(self.dropout(y).add_(x))
 
 
 class DeformableEncoder(nn.Module):

@@ -165,9 +165,12 @@ class MSDeformAttnPixelDecoder(nn.Module):
             for m, (h, w) in zip(memory.split([h * w for h, w in shapes], dim=1), shapes)
         ]
 
+        # The FPN runs channels-last: the encoder maps already are, and mixing layouts in the sum would
+        # take a slow strided path (mkldnn convolutions accept either).
         y = outs[-1]
         for j in reversed(range(len(self.fpn_indices))):
-            lateral = self.lateral_convs[j](features[self.fpn_indices[j]])
+            x = features[self.fpn_indices[j]].contiguous(memory_format=torch.channels_last)
+            lateral = self.lateral_convs[j](x)
             y = lateral + F.interpolate(y, size=lateral.shape[-2:], mode="bilinear", align_corners=False)
             y = self.output_convs[j](y)
         return PixelDecoderOutput(self.mask_features(y), outs)
