@@ -42,7 +42,12 @@ __all__ = [
 OUR_CONFIG = "maskformers_config.json"
 HF_CONFIG = "config.json"
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = (  # in order of preference
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 _FORMAT_VERSION = 1
 
 
@@ -113,7 +118,11 @@ _HF_DEFAULTS = {
     "dim_feedforward": 2048, "pre_norm": False, "enforce_input_projection": False, "common_stride": 4,
     "num_queries": 100, "feature_strides": [4, 8, 16, 32],
 }
-_HF_DEFAULT_BACKBONE = {"model_type": "swin", "depths": [2, 2, 18, 2], "out_features": ["stage1", "stage2", "stage3", "stage4"]}
+_HF_DEFAULT_BACKBONE = {
+    "model_type": "swin",
+    "depths": [2, 2, 18, 2],
+    "out_features": ["stage1", "stage2", "stage3", "stage4"],
+}
 _SWIN_DEFAULTS = {"embed_dim": 96, "depths": [2, 2, 6, 2], "num_heads": [3, 6, 12, 24], "window_size": 7,
                   "mlp_ratio": 4.0, "qkv_bias": True, "num_channels": 3}
 _RESNET_DEPTHS = {(3, 4, 6, 3): 50, (3, 4, 23, 3): 101}
@@ -123,9 +132,16 @@ def _backbone_spec(bc: Mapping[str, Any]) -> dict[str, Any]:
     kind = bc.get("model_type")
     if kind == "swin":
         get = lambda k: bc.get(k, _SWIN_DEFAULTS[k])  # noqa: E731
-        return {"name": "swin", "embed_dim": int(get("embed_dim")), "depths": [int(d) for d in get("depths")],
-                "num_heads": [int(h) for h in get("num_heads")], "window_size": int(get("window_size")),
-                "mlp_ratio": float(get("mlp_ratio")), "qkv_bias": bool(get("qkv_bias")), "in_chans": int(get("num_channels"))}
+        return {
+            "name": "swin",
+            "embed_dim": int(get("embed_dim")),
+            "depths": [int(d) for d in get("depths")],
+            "num_heads": [int(h) for h in get("num_heads")],
+            "window_size": int(get("window_size")),
+            "mlp_ratio": float(get("mlp_ratio")),
+            "qkv_bias": bool(get("qkv_bias")),
+            "in_chans": int(get("num_channels")),
+        }
     if kind == "resnet":
         depth = _RESNET_DEPTHS.get(tuple(bc.get("depths", (3, 4, 6, 3))))
         if depth is None:
@@ -150,7 +166,9 @@ def config_from_hf(hf: Mapping[str, Any]) -> tuple[Mask2FormerConfig, dict[int, 
     spec = _backbone_spec(bc)
     strides = [4, 8, 16, 32]
     if list(get("feature_strides")) != strides:
-        raise CheckpointError(f"config.json feature_strides={get('feature_strides')} differ from the backbone's {strides}")
+        raise CheckpointError(
+            f"config.json feature_strides={get('feature_strides')} differ from the backbone's {strides}"
+        )
     id2label = {int(k): str(v) for k, v in (hf.get("id2label") or {}).items()}
     num_classes = len(id2label) if id2label else hf.get("num_labels")
     if not num_classes:
@@ -183,15 +201,21 @@ def config_from_hf(hf: Mapping[str, Any]) -> tuple[Mask2FormerConfig, dict[int, 
 _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
-def _resolve(name_or_path: str | Path, *, revision: str | None, cache_dir: str | Path | None, local_files_only: bool) -> Path:
+def _resolve(
+    name_or_path: str | Path, *, revision: str | None, cache_dir: str | Path | None, local_files_only: bool
+) -> Path:
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
     if path.exists():
-        raise CheckpointError(f"{path} is a file; expected a checkpoint folder or a hub id (use convert() for single files)")
+        raise CheckpointError(
+            f"{path} is a file; expected a checkpoint folder or a hub id (use convert() for single files)"
+        )
     name = str(name_or_path)
     if not _REPO_ID.match(name):
-        raise CheckpointError(f"{name!r} is neither an existing folder nor a hub id like 'facebook/mask2former-swin-tiny-coco-panoptic'")
+        raise CheckpointError(
+            f"{name!r} is neither an existing folder nor a hub id like 'facebook/mask2former-swin-tiny-coco-panoptic'"
+        )
     from huggingface_hub import snapshot_download
 
     kwargs = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
@@ -243,7 +267,9 @@ def load_mask2former(
     if (folder / OUR_CONFIG).is_file():
         meta = _read_json(folder / OUR_CONFIG)
         if meta.get("model_type") != "mask2former":
-            raise CheckpointError(f"{folder / OUR_CONFIG} describes model_type={meta.get('model_type')!r}, not 'mask2former'")
+            raise CheckpointError(
+                f"{folder / OUR_CONFIG} describes model_type={meta.get('model_type')!r}, not 'mask2former'"
+            )
         try:
             config = Mask2FormerConfig.from_dict(meta["config"])
         except (KeyError, TypeError, ValueError) as exc:
@@ -270,7 +296,9 @@ def load_mask2former(
             raise CheckpointError(str(exc)) from exc
         model = build_mask2former(config, backbone=backbone, id2label=id2label, op_backend=op_backend)
     else:
-        raise CheckpointError(f"{folder} has neither {HF_CONFIG} (transformers layout) nor {OUR_CONFIG} (maskformers layout)")
+        raise CheckpointError(
+            f"{folder} has neither {HF_CONFIG} (transformers layout) nor {OUR_CONFIG} (maskformers layout)"
+        )
     load_state_dict_strict(model, state, source=str(path))
     if (folder / PREPROCESSOR_CONFIG).is_file():
         model.preprocessor_config = _read_json(folder / PREPROCESSOR_CONFIG)

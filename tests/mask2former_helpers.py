@@ -119,48 +119,54 @@ def native_reason() -> str:
 # original-format checkpoints from random transformers models
 # ------------------------------------------------------------------------------------------------
 
-_HF_TO_D2 = [
-    (r"model\.pixel_level_module\.encoder\.(?:swin\.)?layernorm\..*", None),
-    (r"model\.pixel_level_module\.encoder\.embeddings\.patch_embeddings\.projection\.", "backbone.patch_embed.proj."),
-    (r"model\.pixel_level_module\.encoder\.embeddings\.norm\.", "backbone.patch_embed.norm."),
-    (r"model\.pixel_level_module\.encoder\.encoder\.layers\.(\d+)\.blocks\.(\d+)\.layernorm_before\.", r"backbone.layers.\1.blocks.\2.norm1."),
-    (r"model\.pixel_level_module\.encoder\.encoder\.layers\.(\d+)\.blocks\.(\d+)\.layernorm_after\.", r"backbone.layers.\1.blocks.\2.norm2."),
-    (r"model\.pixel_level_module\.encoder\.encoder\.layers\.(\d+)\.blocks\.(\d+)\.attention\.self\.relative_position_bias_table",
+_ENC = r"model\.pixel_level_module\.encoder\."
+_BLK = _ENC + r"encoder\.layers\.(\d+)\.blocks\.(\d+)\."
+_PD, _D2PD = r"model\.pixel_level_module\.decoder\.", "sem_seg_head.pixel_decoder."
+_PDL, _D2PDL = _PD + r"encoder\.layers\.(\d+)\.", r"sem_seg_head.pixel_decoder.transformer.encoder.layers.\1."
+_TM, _D2P = r"model\.transformer_module\.", "sem_seg_head.predictor."
+_TML = _TM + r"decoder\.layers\.(\d+)\."
+_HF_TO_D2 = [  # (regex matching the start of a transformers key, replacement of that start; None drops)
+    (_ENC + r"(?:swin\.)?layernorm\..*", None),
+    (_ENC + r"embeddings\.patch_embeddings\.projection\.", "backbone.patch_embed.proj."),
+    (_ENC + r"embeddings\.norm\.", "backbone.patch_embed.norm."),
+    (_BLK + r"layernorm_before\.", r"backbone.layers.\1.blocks.\2.norm1."),
+    (_BLK + r"layernorm_after\.", r"backbone.layers.\1.blocks.\2.norm2."),
+    (_BLK + r"attention\.self\.relative_position_bias_table",
      r"backbone.layers.\1.blocks.\2.attn.relative_position_bias_table"),
-    (r"model\.pixel_level_module\.encoder\.encoder\.layers\.(\d+)\.blocks\.(\d+)\.attention\.output\.dense\.", r"backbone.layers.\1.blocks.\2.attn.proj."),
-    (r"model\.pixel_level_module\.encoder\.encoder\.layers\.(\d+)\.blocks\.(\d+)\.intermediate\.dense\.", r"backbone.layers.\1.blocks.\2.mlp.fc1."),
-    (r"model\.pixel_level_module\.encoder\.encoder\.layers\.(\d+)\.blocks\.(\d+)\.output\.dense\.", r"backbone.layers.\1.blocks.\2.mlp.fc2."),
-    (r"model\.pixel_level_module\.encoder\.encoder\.layers\.(\d+)\.downsample\.", r"backbone.layers.\1.downsample."),
-    (r"model\.pixel_level_module\.encoder\.hidden_states_norms\.stage(\d)\.", lambda m: f"backbone.norm{int(m[1]) - 1}."),
-    (r"model\.pixel_level_module\.decoder\.level_embed", "sem_seg_head.pixel_decoder.transformer.level_embed"),
-    (r"model\.pixel_level_module\.decoder\.input_projections\.", "sem_seg_head.pixel_decoder.input_proj."),
-    (r"model\.pixel_level_module\.decoder\.encoder\.layers\.(\d+)\.self_attn_layer_norm\.", r"sem_seg_head.pixel_decoder.transformer.encoder.layers.\1.norm1."),
-    (r"model\.pixel_level_module\.decoder\.encoder\.layers\.(\d+)\.final_layer_norm\.", r"sem_seg_head.pixel_decoder.transformer.encoder.layers.\1.norm2."),
-    (r"model\.pixel_level_module\.decoder\.encoder\.layers\.(\d+)\.fc([12])\.", r"sem_seg_head.pixel_decoder.transformer.encoder.layers.\1.linear\2."),
-    (r"model\.pixel_level_module\.decoder\.encoder\.layers\.(\d+)\.self_attn\.", r"sem_seg_head.pixel_decoder.transformer.encoder.layers.\1.self_attn."),
-    (r"model\.pixel_level_module\.decoder\.mask_projection\.", "sem_seg_head.pixel_decoder.mask_features."),
-    (r"model\.pixel_level_module\.decoder\.(adapter|layer)_(\d+)\.0\.weight", r"sem_seg_head.pixel_decoder.\1_\2.weight"),
-    (r"model\.pixel_level_module\.decoder\.(adapter|layer)_(\d+)\.1\.", r"sem_seg_head.pixel_decoder.\1_\2.norm."),
-    (r"model\.transformer_module\.queries_embedder\.", "sem_seg_head.predictor.query_embed."),
-    (r"model\.transformer_module\.queries_features\.", "sem_seg_head.predictor.query_feat."),
-    (r"model\.transformer_module\.level_embed\.", "sem_seg_head.predictor.level_embed."),
-    (r"model\.transformer_module\.input_projections\.", "sem_seg_head.predictor.input_proj."),
-    (r"model\.transformer_module\.decoder\.layers\.(\d+)\.self_attn\.out_proj\.", r"sem_seg_head.predictor.transformer_self_attention_layers.\1.self_attn.out_proj."),
-    (r"model\.transformer_module\.decoder\.layers\.(\d+)\.self_attn_layer_norm\.", r"sem_seg_head.predictor.transformer_self_attention_layers.\1.norm."),
-    (r"model\.transformer_module\.decoder\.layers\.(\d+)\.cross_attn\.", r"sem_seg_head.predictor.transformer_cross_attention_layers.\1.multihead_attn."),
-    (r"model\.transformer_module\.decoder\.layers\.(\d+)\.cross_attn_layer_norm\.", r"sem_seg_head.predictor.transformer_cross_attention_layers.\1.norm."),
-    (r"model\.transformer_module\.decoder\.layers\.(\d+)\.fc([12])\.", r"sem_seg_head.predictor.transformer_ffn_layers.\1.linear\2."),
-    (r"model\.transformer_module\.decoder\.layers\.(\d+)\.final_layer_norm\.", r"sem_seg_head.predictor.transformer_ffn_layers.\1.norm."),
-    (r"model\.transformer_module\.decoder\.layernorm\.", "sem_seg_head.predictor.decoder_norm."),
-    (r"model\.transformer_module\.decoder\.mask_predictor\.mask_embedder\.(\d+)\.0\.", r"sem_seg_head.predictor.mask_embed.layers.\1."),
-    (r"class_predictor\.", "sem_seg_head.predictor.class_embed."),
+    (_BLK + r"attention\.output\.dense\.", r"backbone.layers.\1.blocks.\2.attn.proj."),
+    (_BLK + r"intermediate\.dense\.", r"backbone.layers.\1.blocks.\2.mlp.fc1."),
+    (_BLK + r"output\.dense\.", r"backbone.layers.\1.blocks.\2.mlp.fc2."),
+    (_ENC + r"encoder\.layers\.(\d+)\.downsample\.", r"backbone.layers.\1.downsample."),
+    (_ENC + r"hidden_states_norms\.stage(\d)\.", lambda m: f"backbone.norm{int(m[1]) - 1}."),
+    (_PD + r"level_embed", _D2PD + "transformer.level_embed"),
+    (_PD + r"input_projections\.", _D2PD + "input_proj."),
+    (_PDL + r"self_attn_layer_norm\.", _D2PDL + "norm1."),
+    (_PDL + r"final_layer_norm\.", _D2PDL + "norm2."),
+    (_PDL + r"fc([12])\.", _D2PDL + r"linear\2."),
+    (_PDL + r"self_attn\.", _D2PDL + "self_attn."),
+    (_PD + r"mask_projection\.", _D2PD + "mask_features."),
+    (_PD + r"(adapter|layer)_(\d+)\.0\.weight", _D2PD + r"\1_\2.weight"),
+    (_PD + r"(adapter|layer)_(\d+)\.1\.", _D2PD + r"\1_\2.norm."),
+    (_TM + r"queries_embedder\.", _D2P + "query_embed."),
+    (_TM + r"queries_features\.", _D2P + "query_feat."),
+    (_TM + r"level_embed\.", _D2P + "level_embed."),
+    (_TM + r"input_projections\.", _D2P + "input_proj."),
+    (_TML + r"self_attn\.out_proj\.", _D2P + r"transformer_self_attention_layers.\1.self_attn.out_proj."),
+    (_TML + r"self_attn_layer_norm\.", _D2P + r"transformer_self_attention_layers.\1.norm."),
+    (_TML + r"cross_attn\.", _D2P + r"transformer_cross_attention_layers.\1.multihead_attn."),
+    (_TML + r"cross_attn_layer_norm\.", _D2P + r"transformer_cross_attention_layers.\1.norm."),
+    (_TML + r"fc([12])\.", _D2P + r"transformer_ffn_layers.\1.linear\2."),
+    (_TML + r"final_layer_norm\.", _D2P + r"transformer_ffn_layers.\1.norm."),
+    (_TM + r"decoder\.layernorm\.", _D2P + "decoder_norm."),
+    (_TM + r"decoder\.mask_predictor\.mask_embedder\.(\d+)\.0\.", _D2P + r"mask_embed.layers.\1."),
+    (r"class_predictor\.", _D2P + "class_embed."),
     (r"criterion\.empty_weight", "criterion.empty_weight"),
 ]
-_MERGED = [  # (pattern of one part, its index, merged detectron2 name)
-    (r"model\.pixel_level_module\.encoder\.encoder\.layers\.(\d+)\.blocks\.(\d+)\.attention\.self\.(query|key|value)\.(weight|bias)",
+_MERGED = [  # (pattern of one part -> (its index, the merged detectron2 name))
+    (_BLK + r"attention\.self\.(query|key|value)\.(weight|bias)",
      lambda m: ({"query": 0, "key": 1, "value": 2}[m[3]], f"backbone.layers.{m[1]}.blocks.{m[2]}.attn.qkv.{m[4]}")),
-    (r"model\.transformer_module\.decoder\.layers\.(\d+)\.self_attn\.(q|k|v)_proj\.(weight|bias)",
-     lambda m: ("qkv".index(m[2]), f"sem_seg_head.predictor.transformer_self_attention_layers.{m[1]}.self_attn.in_proj_{m[3]}")),
+    (_TML + r"self_attn\.(q|k|v)_proj\.(weight|bias)",
+     lambda m: ("qkv".index(m[2]), f"{_D2P}transformer_self_attention_layers.{m[1]}.self_attn.in_proj_{m[3]}")),
 ]
 
 

@@ -200,7 +200,8 @@ def test_detectron2_checkpoint(d2_model, d2_state, tmp_path, kind):
     assert (arch["num_classes"], arch["num_queries"], arch["decoder_layers"], arch["encoder_points"]) == (5, 10, 4, 4)
     assert arch["backbone"]["depths"] == [1, 1, 2, 1]
     model = load_mask2former(convert(src, tmp_path / "ours"), op_backend="reference")
-    assert_predictions_close(hf_predictions(d2_model.double(), X.double()), our_predictions(model.double(), X.double()), **F64)
+    expected = hf_predictions(d2_model.double(), X.double())
+    assert_predictions_close(expected, our_predictions(model.double(), X.double()), **F64)
 
 
 def test_malicious_pickle_is_refused(tmp_path):
@@ -241,7 +242,8 @@ def edited_hf_folder(hf_folder, tmp_path, edit):
 
 def test_missing_key(hf_folder, tmp_path):
     folder = edited_hf_folder(hf_folder, tmp_path, lambda s: s.pop("class_predictor.bias"))
-    with pytest.raises(CheckpointError, match=r"1 missing key\(s\): \['transformer_decoder\.head\.class_embed\.bias'\]"):
+    expected = r"1 missing key\(s\): \['transformer_decoder\.head\.class_embed\.bias'\]"
+    with pytest.raises(CheckpointError, match=expected):
         load_mask2former(folder)
 
 
@@ -253,7 +255,8 @@ def test_unexpected_key(hf_folder, tmp_path):
 
 def test_wrong_shape(hf_folder, tmp_path):
     folder = edited_hf_folder(hf_folder, tmp_path, lambda s: s.update({"class_predictor.weight": torch.zeros(7, 64)}))
-    with pytest.raises(CheckpointError, match=r"transformer_decoder\.head\.class_embed\.weight: checkpoint \(7, 64\) vs model \(4, 64\)"):
+    expected = r"transformer_decoder\.head\.class_embed\.weight: checkpoint \(7, 64\) vs model \(4, 64\)"
+    with pytest.raises(CheckpointError, match=expected):
         load_mask2former(folder)
 
 

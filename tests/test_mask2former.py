@@ -27,7 +27,10 @@ CHANNELS, STRIDES = [16, 32, 64, 128], [4, 8, 16, 32]
 
 def features(batch=2, height=97, width=129, dtype=torch.float64, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(batch, c, -(-height // s), -(-width // s), generator=g, dtype=dtype) for c, s in zip(CHANNELS, STRIDES)]
+    return [
+        torch.randn(batch, c, -(-height // s), -(-width // s), generator=g, dtype=dtype)
+        for c, s in zip(CHANNELS, STRIDES)
+    ]
 
 
 def pixel_decoder_pair(cfg=None, seed=0):
@@ -164,7 +167,9 @@ class ToyBackbone(torch.nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.convs = torch.nn.ModuleList(torch.nn.Conv2d(3, c, s, stride=s) for c, s in zip(self.channels, self.strides))
+        self.convs = torch.nn.ModuleList(
+            torch.nn.Conv2d(3, c, s, stride=s) for c, s in zip(self.channels, self.strides)
+        )
 
     def forward(self, x):
         return [conv(x) for conv in self.convs]

@@ -125,15 +125,18 @@ def pixel_decoder_rules(src: str = PIXEL_DECODER, dst: str = "pixel_decoder.") -
 
 def predictor_rules(src: str = PREDICTOR, dst: str = "transformer_decoder.") -> list[Rule]:
     s, d = re.escape(src), dst
-    qkv = ("q", "k", "v")
+
+    def qkv(prefix: str) -> tuple[str, ...]:  # packed in_proj rows are q, k, v in that order
+        return tuple(prefix + p + r"_proj.\2" for p in ("q", "k", "v"))
+
     sa, ca, ffn = (rf"{s}transformer_{n}_layers\.(\d+)\." for n in ("self_attention", "cross_attention", "ffn"))
     return [
         Rule(rf"{s}(query_feat|query_embed|level_embed)\.weight", rf"{d}\1.weight"),
         Rule(rf"{s}input_proj\.(\d+)\.(weight|bias)", rf"{d}input_projs.\1.\2"),
-        Rule(sa + r"self_attn\.in_proj_(weight|bias)", None, split=tuple(rf"{d}layers.\1.self_attn.attn.{p}_proj.\2" for p in qkv)),
+        Rule(sa + r"self_attn\.in_proj_(weight|bias)", None, split=qkv(rf"{d}layers.\1.self_attn.attn.")),
         Rule(sa + r"self_attn\.out_proj\.(weight|bias)", rf"{d}layers.\1.self_attn.attn.out_proj.\2"),
         Rule(sa + r"norm\.(weight|bias)", rf"{d}layers.\1.self_attn.norm.\2"),
-        Rule(ca + r"multihead_attn\.in_proj_(weight|bias)", None, split=tuple(rf"{d}layers.\1.cross_attn.attn.{p}_proj.\2" for p in qkv)),
+        Rule(ca + r"multihead_attn\.in_proj_(weight|bias)", None, split=qkv(rf"{d}layers.\1.cross_attn.attn.")),
         Rule(ca + r"multihead_attn\.out_proj\.(weight|bias)", rf"{d}layers.\1.cross_attn.attn.out_proj.\2"),
         Rule(ca + r"norm\.(weight|bias)", rf"{d}layers.\1.cross_attn.norm.\2"),
         Rule(ffn + r"(linear1|linear2|norm)\.(weight|bias)", rf"{d}layers.\1.ffn.\2.\3"),
@@ -193,7 +196,9 @@ def infer_architecture(
     num_levels, conv_dim = (int(n) for n in level_embed.shape)
     offsets = get(pd + "transformer.encoder.layers.0.self_attn.sampling_offsets.weight").shape[0]
     if offsets % (num_heads * num_levels * 2):
-        raise ConversionError(f"sampling_offsets has {offsets} rows, not a multiple of 2 * {num_levels} levels * {num_heads} heads")
+        raise ConversionError(
+            f"sampling_offsets has {offsets} rows, not a multiple of 2 * {num_levels} levels * {num_heads} heads"
+        )
     query_feat = get(pr + "query_feat.weight")
     hidden_dim = int(query_feat.shape[1])
     num_fpn = _count(state_dict, re.escape(pd) + r"adapter_(\d+)\.weight")
@@ -213,7 +218,9 @@ def infer_architecture(
         "encoder_points": offsets // (num_heads * num_levels * 2),
         "num_feature_levels": num_levels,
         "common_stride": common_stride,
-        "decoder_layers": _count(state_dict, re.escape(pr) + r"transformer_cross_attention_layers\.(\d+)\.norm\.weight"),
+        "decoder_layers": _count(
+            state_dict, re.escape(pr) + r"transformer_cross_attention_layers\.(\d+)\.norm\.weight"
+        ),
         "decoder_ffn_dim": int(get(pr + "transformer_ffn_layers.0.linear1.weight").shape[0]),
         "pre_norm": False,
         "enforce_input_projection": has_input_proj and conv_dim == hidden_dim,

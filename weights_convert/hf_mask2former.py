@@ -70,14 +70,18 @@ def transformer_decoder_rules(
         Rule(lay + r"fc2\.(weight|bias)", rf"{d}layers.\1.ffn.linear2.\2"),
         Rule(lay + r"final_layer_norm\.(weight|bias)", rf"{d}layers.\1.ffn.norm.\2"),
         Rule(rf"{s}decoder\.layernorm\.(weight|bias)", rf"{d}head.norm.\1"),
-        Rule(rf"{s}decoder\.mask_predictor\.mask_embedder\.(\d+)\.0\.(weight|bias)", rf"{d}head.mask_embed.layers.\1.\2"),
+        Rule(
+            rf"{s}decoder\.mask_predictor\.mask_embedder\.(\d+)\.0\.(weight|bias)", rf"{d}head.mask_embed.layers.\1.\2"
+        ),
         Rule(rf"{re.escape(class_src)}(weight|bias)", rf"{d}head.class_embed.\1"),
     ]
 
 
 def _backbone_rules(backbone_type: str) -> list[Rule]:
     if backbone_type != "swin":
-        raise ValueError(f"transformers Mask2Former checkpoints with a {backbone_type!r} backbone are not supported (only 'swin')")
+        raise ValueError(
+            f"transformers Mask2Former checkpoints with a {backbone_type!r} backbone are not supported (only 'swin')"
+        )
     from . import hf_swin
 
     return list(hf_swin.rules(HF_BACKBONE, "backbone."))

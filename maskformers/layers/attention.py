@@ -24,7 +24,9 @@ class MultiHeadAttention(nn.Module):
     def __init__(self, *, embed_dim: int, num_heads: int, dropout: float = 0.0) -> None:
         super().__init__()
         if embed_dim % num_heads:
-            raise ValueError(f"embed_dim must be divisible by num_heads, got embed_dim={embed_dim}, num_heads={num_heads}")
+            raise ValueError(
+                f"embed_dim must be divisible by num_heads, got embed_dim={embed_dim}, num_heads={num_heads}"
+            )
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.dropout = dropout
@@ -48,12 +50,11 @@ class MultiHeadAttention(nn.Module):
         (True = attend) or additive float. Returns (B, Q, C)."""
         if query.dim() != 3 or query.shape[-1] != self.embed_dim:
             raise ValueError(f"expected query (B, Q, {self.embed_dim}), got {tuple(query.shape)}")
-        if key.shape != value.shape or key.dim() != 3 or key.shape[0] != query.shape[0] or key.shape[-1] != self.embed_dim:
-            raise ValueError(
-                f"expected key and value (B={query.shape[0]}, S, {self.embed_dim}), got key {tuple(key.shape)} "
-                f"and value {tuple(value.shape)}"
-            )
         B, Q, C = query.shape
+        if key.shape != value.shape or key.dim() != 3 or key.shape[0] != B or key.shape[-1] != C:
+            raise ValueError(
+                f"expected key and value (B={B}, S, {C}), got key {tuple(key.shape)} and value {tuple(value.shape)}"
+            )
         q = self._heads(self.q_proj(query))
         k = self._heads(self.k_proj(key))
         v = self._heads(self.v_proj(value))

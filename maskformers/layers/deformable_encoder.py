@@ -52,7 +52,11 @@ class DeformableEncoderLayer(nn.Module):
     ) -> None:
         super().__init__()
         self.self_attn = MSDeformAttn(
-            embed_dim=embed_dim, num_heads=num_heads, num_levels=num_levels, num_points=num_points, op_backend=op_backend
+            embed_dim=embed_dim,
+            num_heads=num_heads,
+            num_levels=num_levels,
+            num_points=num_points,
+            op_backend=op_backend,
         )
         self.norm1 = nn.LayerNorm(embed_dim)
         self.linear1 = nn.Linear(embed_dim, ffn_dim)

@@ -43,7 +43,9 @@ class MSDeformAttn(nn.Module):
     ) -> None:
         super().__init__()
         if embed_dim % num_heads:
-            raise ValueError(f"embed_dim must be divisible by num_heads, got embed_dim={embed_dim}, num_heads={num_heads}")
+            raise ValueError(
+                f"embed_dim must be divisible by num_heads, got embed_dim={embed_dim}, num_heads={num_heads}"
+            )
         for name, v in (("num_heads", num_heads), ("num_levels", num_levels), ("num_points", num_points)):
             if v < 1:
                 raise ValueError(f"{name} must be >= 1, got {v}")
@@ -105,7 +107,8 @@ class MSDeformAttn(nn.Module):
             or tuple(reference_points.shape[1:]) != (Q, L, 2)
         ):
             raise ValueError(
-                f"expected reference_points (B or 1, Q, L, 2) = (({B} or 1), {Q}, {L}, 2), got {tuple(reference_points.shape)}"
+                f"expected reference_points (B or 1, Q, L, 2) = (({B} or 1), {Q}, {L}, 2), "
+                f"got {tuple(reference_points.shape)}"
             )
         if spatial_shapes.shape != (L, 2):
             raise ValueError(f"expected spatial_shapes ({L}, 2) for num_levels={L}, got {tuple(spatial_shapes.shape)}")
@@ -114,7 +117,8 @@ class MSDeformAttn(nn.Module):
         if value_padding_mask is not None:
             if value_padding_mask.shape != value.shape[:2]:
                 raise ValueError(
-                    f"expected value_padding_mask (B, S) = {tuple(value.shape[:2])}, got {tuple(value_padding_mask.shape)}"
+                    f"expected value_padding_mask (B, S) = {tuple(value.shape[:2])}, "
+                    f"got {tuple(value_padding_mask.shape)}"
                 )
             v = v.masked_fill(value_padding_mask[..., None], 0.0)
         v = v.view(B, v.shape[1], H, self.embed_dim // H)  # (B, S, H, D)

@@ -59,10 +59,8 @@ def sine_position_embedding(
     kw = dict(normalize=normalize, scale=scale, dtype=work, device=dim_t.device)
     pos_y = _axis_embedding(height, dim_t, **kw)  # (H, F)
     pos_x = _axis_embedding(width, dim_t, **kw)  # (W, F)
-    pos = torch.cat(
-        (pos_y[:, None, :].expand(height, width, num_pos_feats), pos_x[None, :, :].expand(height, width, num_pos_feats)),
-        dim=2,
-    )  # (H, W, 2F)
+    grid = (height, width, num_pos_feats)
+    pos = torch.cat((pos_y[:, None, :].expand(grid), pos_x[None, :, :].expand(grid)), dim=2)  # (H, W, 2F)
     return pos.to(dtype)
 
 

@@ -20,14 +20,18 @@ class MaskClassificationHead(nn.Module):
     """Parameters: ``norm`` (LayerNorm C), ``class_embed`` (C -> num_classes + 1), ``mask_embed``
     (MLP C -> C -> C -> mask_dim, 3 layers)."""
 
-    def __init__(self, *, hidden_dim: int = 256, num_classes: int, mask_dim: int = 256, mask_mlp_layers: int = 3) -> None:
+    def __init__(
+        self, *, hidden_dim: int = 256, num_classes: int, mask_dim: int = 256, mask_mlp_layers: int = 3
+    ) -> None:
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.num_classes = num_classes
         self.norm = nn.LayerNorm(hidden_dim)
         self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
-        self.mask_embed = MLP(input_dim=hidden_dim, hidden_dim=hidden_dim, output_dim=mask_dim, num_layers=mask_mlp_layers)
+        self.mask_embed = MLP(
+            input_dim=hidden_dim, hidden_dim=hidden_dim, output_dim=mask_dim, num_layers=mask_mlp_layers
+        )
 
     def forward(self, queries: torch.Tensor, mask_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """queries (B, Q, C), mask_features (B, C_m, H, W) -> class logits (B, Q, K+1), mask logits (B, Q, H, W)."""

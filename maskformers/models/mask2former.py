@@ -34,10 +34,13 @@ __all__ = [
 
 # backbone specs: {"name": ..., **kwargs of the builder}
 SWIN_SPECS: dict[str, dict[str, Any]] = {
-    "swin-tiny": {"name": "swin", "embed_dim": 96, "depths": [2, 2, 6, 2], "num_heads": [3, 6, 12, 24], "window_size": 7},
-    "swin-small": {"name": "swin", "embed_dim": 96, "depths": [2, 2, 18, 2], "num_heads": [3, 6, 12, 24], "window_size": 7},
-    "swin-base": {"name": "swin", "embed_dim": 128, "depths": [2, 2, 18, 2], "num_heads": [4, 8, 16, 32], "window_size": 12},
-    "swin-large": {"name": "swin", "embed_dim": 192, "depths": [2, 2, 18, 2], "num_heads": [6, 12, 24, 48], "window_size": 12},
+    size: {"name": "swin", "embed_dim": dim, "depths": depths, "num_heads": heads, "window_size": window}
+    for size, dim, depths, heads, window in (
+        ("swin-tiny", 96, [2, 2, 6, 2], [3, 6, 12, 24], 7),
+        ("swin-small", 96, [2, 2, 18, 2], [3, 6, 12, 24], 7),
+        ("swin-base", 128, [2, 2, 18, 2], [4, 8, 16, 32], 12),
+        ("swin-large", 192, [2, 2, 18, 2], [6, 12, 24, 48], 12),
+    )
 }
 # dataset -> (number of classes, queries of the Swin-L model; every other backbone uses 100)
 DATASETS: dict[str, tuple[int, int]] = {
@@ -255,7 +258,8 @@ def mask2former_config(
             raise ValueError(f"window_size applies to Swin backbones, not {backbone}")
         spec = {"name": "resnet", "depth": int(backbone.split("-")[1])}
     else:
-        raise ValueError(f"unknown backbone {backbone!r}; expected one of {sorted(SWIN_SPECS) + ['resnet-50', 'resnet-101']}")
+        known = sorted(SWIN_SPECS) + ["resnet-50", "resnet-101"]
+        raise ValueError(f"unknown backbone {backbone!r}; expected one of {known}")
     if num_queries is None:
         num_queries = large_queries if backbone == "swin-large" else 100
     return Mask2FormerConfig(backbone=spec, num_classes=num_classes, num_queries=num_queries)

@@ -80,9 +80,13 @@ class MSDeformAttnPixelDecoder(nn.Module):
                 f"in_channels and in_strides must have one entry per feature, got {in_channels} and {in_strides}"
             )
         if any(b <= a for a, b in zip(in_strides, in_strides[1:])):
-            raise ValueError(f"in_strides must be strictly increasing (features ordered fine to coarse), got {in_strides}")
+            raise ValueError(
+                f"in_strides must be strictly increasing (features ordered fine to coarse), got {in_strides}"
+            )
         if not 1 <= num_levels <= len(in_channels):
-            raise ValueError(f"num_levels must be in [1, {len(in_channels)}] for {len(in_channels)} features, got {num_levels}")
+            raise ValueError(
+                f"num_levels must be in [1, {len(in_channels)}] for {len(in_channels)} features, got {num_levels}"
+            )
         if conv_dim % _GN_GROUPS or conv_dim % 2:
             raise ValueError(f"conv_dim must be a multiple of {_GN_GROUPS} (GroupNorm groups), got {conv_dim}")
         self.in_channels = in_channels
@@ -112,7 +116,9 @@ class MSDeformAttnPixelDecoder(nn.Module):
         )
         self.fpn_indices = [i for i in range(first_level) if in_strides[i] >= common_stride]
         self.lateral_convs = nn.ModuleList(_conv_gn(in_channels[i], conv_dim, 1, bias=False) for i in self.fpn_indices)
-        self.output_convs = nn.ModuleList(_conv_gn(conv_dim, conv_dim, 3, bias=False, relu=True) for _ in self.fpn_indices)
+        self.output_convs = nn.ModuleList(
+            _conv_gn(conv_dim, conv_dim, 3, bias=False, relu=True) for _ in self.fpn_indices
+        )
         self.mask_features = nn.Conv2d(conv_dim, mask_dim, 1)
         finest = self.fpn_indices[0] if self.fpn_indices else first_level
         self.mask_stride = in_strides[finest]
@@ -137,7 +143,9 @@ class MSDeformAttnPixelDecoder(nn.Module):
             )
         for i, (f, c) in enumerate(zip(features, self.in_channels)):
             if f.dim() != 4 or f.shape[1] != c:
-                raise ValueError(f"expected features[{i}] (B, {c}, H, W) at stride {self.in_strides[i]}, got {tuple(f.shape)}")
+                raise ValueError(
+                    f"expected features[{i}] (B, {c}, H, W) at stride {self.in_strides[i]}, got {tuple(f.shape)}"
+                )
 
     def forward(self, features: Sequence[torch.Tensor]) -> PixelDecoderOutput:
         """features: backbone maps (B, C_i, H_i, W_i) ordered by increasing stride."""

@@ -25,11 +25,18 @@ class MaskedAttentionDecoderLayer(nn.Module):
     """Masked cross-attention -> self-attention -> FFN (post-norm unless ``pre_norm``)."""
 
     def __init__(
-        self, *, embed_dim: int = 256, num_heads: int = 8, ffn_dim: int = 2048, dropout: float = 0.0, pre_norm: bool = False
+        self,
+        *,
+        embed_dim: int = 256,
+        num_heads: int = 8,
+        ffn_dim: int = 2048,
+        dropout: float = 0.0,
+        pre_norm: bool = False,
     ) -> None:
         super().__init__()
-        self.cross_attn = CrossAttentionBlock(embed_dim=embed_dim, num_heads=num_heads, dropout=dropout, pre_norm=pre_norm)
-        self.self_attn = SelfAttentionBlock(embed_dim=embed_dim, num_heads=num_heads, dropout=dropout, pre_norm=pre_norm)
+        attn = dict(embed_dim=embed_dim, num_heads=num_heads, dropout=dropout, pre_norm=pre_norm)
+        self.cross_attn = CrossAttentionBlock(**attn)
+        self.self_attn = SelfAttentionBlock(**attn)
         self.ffn = FeedForwardBlock(embed_dim=embed_dim, hidden_dim=ffn_dim, dropout=dropout, pre_norm=pre_norm)
 
     def forward(
