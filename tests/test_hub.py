@@ -315,3 +315,74 @@ def test_wrong_model_type(hf_folder, tmp_path):
     (folder / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="model_type='maskformer', expected 'mask2former'"):
         load_mask2former(folder)
+
+
+_BB, _PD, _PR = r"backbone\.", "sem_seg_head.pixel_decoder.", "sem_seg_head.predictor."
+_LAY = r"transformer_decoder\.layers\.(\d+)\."
+_OURS_TO_D2 = [  # our names -> the original's (ResNet backbone), to write a detectron2 R-50 checkpoint
+    (_BB + r"conv1\.weight", "backbone.stem.conv1.weight"),
+    (_BB + r"bn1\.(\w+)", r"backbone.stem.conv1.norm.\1"),
+    (_BB + r"layer(\d)\.(\d+)\.conv(\d)\.weight", lambda m: f"backbone.res{int(m[1]) + 1}.{m[2]}.conv{m[3]}.weight"),
+    (_BB + r"layer(\d)\.(\d+)\.bn(\d)\.(\w+)", lambda m: f"backbone.res{int(m[1]) + 1}.{m[2]}.conv{m[3]}.norm.{m[4]}"),
+    (_BB + r"layer(\d)\.0\.downsample\.0\.weight", lambda m: f"backbone.res{int(m[1]) + 1}.0.shortcut.weight"),
+    (_BB + r"layer(\d)\.0\.downsample\.1\.(\w+)", lambda m: f"backbone.res{int(m[1]) + 1}.0.shortcut.norm.{m[2]}"),
+    (r"pixel_decoder\.input_projs\.(.*)", _PD + r"input_proj.\1"),
+    (r"pixel_decoder\.level_embed", _PD + "transformer.level_embed"),
+    (r"pixel_decoder\.encoder\.(.*)", _PD + r"transformer.encoder.\1"),
+    (r"pixel_decoder\.mask_features\.(.*)", _PD + r"mask_features.\1"),
+    (r"pixel_decoder\.lateral_convs\.(\d)\.0\.weight", lambda m: f"{_PD}adapter_{int(m[1]) + 1}.weight"),
+    (r"pixel_decoder\.lateral_convs\.(\d)\.1\.(\w+)", lambda m: f"{_PD}adapter_{int(m[1]) + 1}.norm.{m[2]}"),
+    (r"pixel_decoder\.output_convs\.(\d)\.0\.weight", lambda m: f"{_PD}layer_{int(m[1]) + 1}.weight"),
+    (r"pixel_decoder\.output_convs\.(\d)\.1\.(\w+)", lambda m: f"{_PD}layer_{int(m[1]) + 1}.norm.{m[2]}"),
+    (r"transformer_decoder\.(query_feat|query_embed|level_embed)\.weight", _PR + r"\1.weight"),
+    (_LAY + r"self_attn\.attn\.out_proj\.(\w+)", _PR + r"transformer_self_attention_layers.\1.self_attn.out_proj.\2"),
+    (_LAY + r"self_attn\.norm\.(\w+)", _PR + r"transformer_self_attention_layers.\1.norm.\2"),
+    (_LAY + r"cross_attn\.attn\.out_proj\.(\w+)",
+     _PR + r"transformer_cross_attention_layers.\1.multihead_attn.out_proj.\2"),
+    (_LAY + r"cross_attn\.norm\.(\w+)", _PR + r"transformer_cross_attention_layers.\1.norm.\2"),
+    (_LAY + r"ffn\.(\w+)\.(\w+)", _PR + r"transformer_ffn_layers.\1.\2.\3"),
+    (r"transformer_decoder\.head\.norm\.(\w+)", _PR + r"decoder_norm.\1"),
+    (r"transformer_decoder\.head\.class_embed\.(\w+)", _PR + r"class_embed.\1"),
+    (r"transformer_decoder\.head\.mask_embed\.layers\.(.*)", _PR + r"mask_embed.layers.\1"),
+]
+
+
+def ours_to_d2(state):
+    import re
+
+    out, packed = {}, {}
+    for key, value in state.items():
+        m = re.fullmatch(r"transformer_decoder\.layers\.(\d+)\.(self|cross)_attn\.attn\.([qkv])_proj\.(\w+)", key)
+        if m:
+            attn = "self_attention_layers.{}.self_attn", "cross_attention_layers.{}.multihead_attn"
+            kind = attn[0] if m[2] == "self" else attn[1]
+            name = f"{_PR}transformer_{kind.format(m[1])}.in_proj_{m[4]}"
+            packed.setdefault(name, {})["qkv".index(m[3])] = value
+            continue
+        for pattern, target in _OURS_TO_D2:
+            m = re.fullmatch(pattern, key)
+            if m:
+                out[target(m) if callable(target) else m.expand(target)] = value
+                break
+        else:
+            raise KeyError(f"test mapping misses {key}")
+    out.update({k: torch.cat([v[i] for i in range(3)]) for k, v in packed.items()})
+    out["criterion.empty_weight"] = torch.ones(4)
+    return out
+
+
+def test_detectron2_resnet50_checkpoint(tmp_path):
+    """An R-50 checkpoint: ResNet keys, 2048-channel inputs of the pixel decoder, architecture inferred."""
+    from maskformers.models.mask2former import build_mask2former
+
+    cfg = Mask2FormerConfig(backbone={"name": "resnet", "depth": 50}, num_classes=3, num_queries=6, hidden_dim=64,
+                            conv_dim=64, mask_dim=32, num_heads=8, encoder_layers=2, encoder_ffn_dim=48,
+                            decoder_layers=3, decoder_ffn_dim=40)
+    model = build_mask2former(cfg, op_backend="reference").eval()
+    src = write_pkl(ours_to_d2(model.state_dict()), tmp_path / "r50.pkl")
+    arch = d2_mask2former.infer_architecture(d2_mask2former.load_checkpoint(src))
+    assert Mask2FormerConfig(**arch) == cfg
+    loaded = load_mask2former(convert(src, tmp_path / "ours"), op_backend="reference")
+    x = torch.randn(1, 3, 64, 64)
+    a, b = our_predictions(model, x), our_predictions(loaded, x)
+    assert all(torch.equal(p, q) for pa, pb in zip(a, b) for p, q in zip(pa, pb))

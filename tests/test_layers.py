@@ -182,6 +182,19 @@ def test_msdeformattn_16bit_locations_are_accurate(monkeypatch):
     assert (loc16 - loc16.bfloat16().float()).abs().max() > 1e-4  # bf16 rounding would have shown
 
 
+def test_msdeformattn_initialisation():
+    """Deformable-DETR init: point p of head h sits p+1 pixels out along direction h (scaled to the unit
+    square), on every level; attention starts uniform."""
+    layer = MSDeformAttn(embed_dim=32, num_heads=8, num_levels=3, num_points=2)
+    bias = layer.sampling_offsets.bias.view(8, 3, 2, 2)
+    assert torch.equal(bias[0, :, 0], torch.tensor([[1.0, 0.0]] * 3))  # head 0: +x
+    assert torch.equal(bias[0, :, 1], torch.tensor([[2.0, 0.0]] * 3))
+    torch.testing.assert_close(bias[2, 1, 1], torch.tensor([0.0, 2.0]))  # head 2 of 8: +y
+    torch.testing.assert_close(bias[1, 2, 0], torch.tensor([1.0, 1.0]))  # 45 degrees: corner of the square
+    assert not layer.sampling_offsets.weight.any() and not layer.attention_weights.weight.any()
+    assert not layer.attention_weights.bias.any() and not layer.value_proj.bias.any()
+
+
 def test_msdeformattn_gradcheck():
     _, ours = msda_pair(embed=8, heads=2, levels=2, points=2)
     x, pos, shapes, starts, ref = msda_inputs(shapes=((2, 3), (3, 2)), batch=1, embed=8)

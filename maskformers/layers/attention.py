@@ -34,6 +34,18 @@ class MultiHeadAttention(nn.Module):
         self.k_proj = nn.Linear(embed_dim, embed_dim)
         self.v_proj = nn.Linear(embed_dim, embed_dim)
         self.out_proj = nn.Linear(embed_dim, embed_dim)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The original decoder's initialisation: Xavier-uniform over the packed (3C, C) q/k/v matrix (as
+        ``nn.MultiheadAttention``) and over the output projection, zero biases."""
+        packed = nn.init.xavier_uniform_(torch.empty(3 * self.embed_dim, self.embed_dim))
+        for proj, w in zip((self.q_proj, self.k_proj, self.v_proj), packed.chunk(3)):
+            proj.weight.copy_(w)
+        nn.init.xavier_uniform_(self.out_proj.weight)
+        for proj in (self.q_proj, self.k_proj, self.v_proj, self.out_proj):
+            nn.init.zeros_(proj.bias)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         B, N, _ = x.shape

@@ -11,6 +11,8 @@ pixel of a large map; only the value projection and the op's value input follow 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -58,6 +60,25 @@ class MSDeformAttn(nn.Module):
         self.attention_weights = nn.Linear(embed_dim, num_heads * num_levels * num_points)
         self.value_proj = nn.Linear(embed_dim, embed_dim)
         self.output_proj = nn.Linear(embed_dim, embed_dim)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Deformable-DETR initialisation: no learned offsets yet, point k of head h starts k+1 pixels
+        away in direction 2*pi*h/H on every level; uniform attention weights; Xavier projections."""
+        H, L, P = self.num_heads, self.num_levels, self.num_points
+        nn.init.zeros_(self.sampling_offsets.weight)
+        angles = torch.arange(H, dtype=torch.float64) * (2 * math.pi / H)
+        directions = torch.stack([angles.cos(), angles.sin()], dim=-1)  # (H, 2)
+        directions = directions / directions.abs().amax(-1, keepdim=True)  # onto the unit square
+        steps = torch.arange(1, P + 1, dtype=torch.float64)[None, None, :, None]
+        grid = directions[:, None, None, :] * steps  # (H, 1, P, 2)
+        self.sampling_offsets.bias.copy_(grid.expand(H, L, P, 2).reshape(-1))
+        nn.init.zeros_(self.attention_weights.weight)
+        nn.init.zeros_(self.attention_weights.bias)
+        for proj in (self.value_proj, self.output_proj):
+            nn.init.xavier_uniform_(proj.weight)
+            nn.init.zeros_(proj.bias)
 
     def _offsets_and_weights(self, query: torch.Tensor, cdt: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw offsets (B, Q, H*L*P*2) and softmax weights (B, Q, H, L*P), both in ``cdt``."""

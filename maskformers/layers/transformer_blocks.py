@@ -77,6 +77,8 @@ class FeedForwardBlock(nn.Module):
         self.norm = nn.LayerNorm(embed_dim)
         self.dropout = nn.Dropout(dropout)
         self.pre_norm = pre_norm
+        for linear in (self.linear1, self.linear2):  # the original: Xavier weights, default biases
+            nn.init.xavier_uniform_(linear.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., C) -> (..., C)."""
