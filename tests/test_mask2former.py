@@ -35,7 +35,10 @@ def features(batch=2, height=97, width=129, dtype=torch.float64, seed=0):
 
 def pixel_decoder_pair(cfg=None, seed=0):
     cfg = cfg or tiny_hf_config()
-    hf = perturb_(hfm.Mask2FormerPixelDecoder(cfg, feature_channels=CHANNELS), seed=seed, scale=0.1).eval()
+    hf = hfm.Mask2FormerPixelDecoder(cfg, feature_channels=CHANNELS)
+    with torch.no_grad():  # built outside a PreTrainedModel, its level_embed is uninitialised memory
+        hf.level_embed.normal_(generator=torch.Generator().manual_seed(seed))
+    hf = perturb_(hf, seed=seed, scale=0.1).eval()
     ours = MSDeformAttnPixelDecoder(
         in_channels=CHANNELS, in_strides=STRIDES, conv_dim=cfg.feature_size, mask_dim=cfg.mask_feature_size,
         num_heads=cfg.num_attention_heads, num_layers=cfg.encoder_layers, ffn_dim=cfg.encoder_feedforward_dim,
