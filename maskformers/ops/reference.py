@@ -37,8 +37,9 @@ def ms_deform_attn_reference(
     per_level = value.split([h * w for h, w in shapes], dim=1)
     samples = []
     for level, (h, w) in enumerate(shapes):
-        # (B, h*w, H, D) -> (B*H, D, h, w)
-        v = per_level[level].permute(0, 2, 3, 1).reshape(B * H, D, h, w)
+        # (B, h*w, H, D) -> (B*H, D, h, w). Made contiguous on purpose: torch's CPU grid_sample returns
+        # garbage (NaN in bfloat16, wrong values in float16) for 16-bit inputs with these strides.
+        v = per_level[level].permute(0, 2, 3, 1).reshape(B * H, D, h, w).contiguous()
         # (B, Q, H, P, 2) -> (B*H, Q, P, 2)
         g = grids[:, :, :, level].transpose(1, 2).reshape(B * H, Q, P, 2)
         samples.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False))
