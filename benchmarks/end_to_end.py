@@ -4,8 +4,8 @@ A random-init transformers `Mask2FormerForUniversalSegmentation` with the swin-t
 architecture (133 classes, 100 queries) is written with `save_pretrained` and loaded by both libraries,
 so both run the very same weights (the hub checkpoints cannot be downloaded here; speed does not depend
 on the values). For each image size both models run alternately in this process (median of repeats);
-the table gives the ratio, peak memory (each model measured in a fresh child process: growth of peak RSS
-during one forward) and the max difference of the final class and mask logits.
+the table gives the ratio, peak memory (each model in a fresh child process: resident memory added during
+one forward, see peak_memory.py) and the max difference of the final class and mask logits.
 
     python benchmarks/end_to_end.py                 # 384 and 640, float32 and bfloat16
     python benchmarks/end_to_end.py --quick         # 640, float32
@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -27,6 +26,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from peak_memory import PeakRSS
 
 os.environ.setdefault("MASKFORMERS_STRICT_OPS", "1")
 
@@ -74,17 +75,13 @@ def forward(library: str, model, pixel_values: torch.Tensor):
     return out.class_logits, out.mask_logits
 
 
-def rss_peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
 def peak_in_this_process(library: str, folder: str, image: int, dtype_name: str) -> float:
     model = load(library, Path(folder), DTYPES[dtype_name])
     forward(library, model, torch.randn(1, 3, 64, 64, dtype=DTYPES[dtype_name]))  # lazy init, kernel load
     x = torch.randn(1, 3, image, image, dtype=DTYPES[dtype_name])
-    base = rss_peak_mb()
-    forward(library, model, x)
-    return max(rss_peak_mb() - base, 0.0)
+    with PeakRSS() as peak:
+        forward(library, model, x)
+    return peak.mb
 
 
 def measure_peak_child(library: str, folder: Path, image: int, dtype_name: str) -> float:

@@ -3,8 +3,8 @@
 Shapes are the Mask2Former pixel-decoder encoder's: the stride 8/16/32 levels of a square image, every
 position a query, 8 heads, D = 32, 4 points. For each row both implementations are timed alternately in
 this one process (median of repeated runs, so machine noise hits both alike) and the ratio is printed.
-Peak memory is measured per implementation in a fresh child process (CPU: growth of peak RSS during the
-call over the inputs; CUDA: torch.cuda.max_memory_allocated), because a process's peak RSS never falls.
+Peak memory is measured per implementation in a fresh child process (CPU: resident memory added during
+the call, see peak_memory.py; CUDA: torch.cuda.max_memory_allocated), so neither sees the other's caches.
 
     python benchmarks/ms_deform_attn.py            # full table
     python benchmarks/ms_deform_attn.py --quick    # one image size, batch 1, fewer repeats
@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -29,6 +28,7 @@ import torch
 os.environ["MASKFORMERS_STRICT_OPS"] = "1"
 
 from maskformers.ops import ms_deform_attn  # noqa: E402
+from peak_memory import PeakRSS  # noqa: E402
 
 HEADS, HEAD_DIM, POINTS, STRIDES = 8, 32, 4, (8, 16, 32)
 IMPLS = ("reference", "native")
@@ -108,10 +108,6 @@ def measure_peak_child(image, batch, dtype_name, impl, device) -> dict[str, floa
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _rss_peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
-
-
 def _peak_in_this_process(image, batch, dtype_name, impl, device) -> dict[str, float]:
     inputs = make_inputs(image, batch, DTYPES[dtype_name], device)
     grad_out = torch.randn(batch, inputs[3].shape[1], HEADS * HEAD_DIM, device=device).to(DTYPES[dtype_name])
@@ -120,9 +116,6 @@ def _peak_in_this_process(image, batch, dtype_name, impl, device) -> dict[str, f
     tiny = make_inputs(16, 1, DTYPES[dtype_name], device)
     run_once(impl, "forward", tiny)
     run_once(impl, "forward+backward", tiny, torch.zeros(1, tiny[3].shape[1], HEADS * HEAD_DIM, device=device).to(tiny[0].dtype))
-    # Peak RSS only grows, so both passes are measured against one baseline taken before either runs;
-    # forward+backward contains the forward, so running it second leaves its reading exact.
-    base = _rss_peak_mb()
     for mode in ("forward", "forward+backward"):
         if device == "cuda":
             torch.cuda.synchronize()
@@ -132,8 +125,9 @@ def _peak_in_this_process(image, batch, dtype_name, impl, device) -> dict[str, f
             torch.cuda.synchronize()
             result[mode] = (torch.cuda.max_memory_allocated() - cuda_base) / 2**20
         else:
-            run_once(impl, mode, inputs, grad_out)
-            result[mode] = max(_rss_peak_mb() - base, 0.0)
+            with PeakRSS() as peak:
+                run_once(impl, mode, inputs, grad_out)
+            result[mode] = peak.mb
     return result
 
 
