@@ -96,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         state, text = native_status(device_type, compile_now=args.build)
         status |= int(state == "failed")
         label = {"built": "available, built", "not built": "available, not built yet"}.get(state, state)
+        if device_type == "cuda" and state in ("built", "not built") and not torch.cuda.is_available():
+            label = "compiles but cannot run here (no GPU visible), " + ("built" if state == "built" else "not built yet")
         print(f"  {device_type}: {label}: {text}")
     return status
 
