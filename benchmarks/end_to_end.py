@@ -96,7 +96,7 @@ def measure_peak_child(library: str, folder: Path, image: int, dtype_name: str) 
     return float(proc.stdout.strip().splitlines()[-1])
 
 
-def profile(models: dict, image: int, dtype: torch.dtype, rows: int = 25) -> None:
+def profile(models: dict, image: int, dtype: torch.dtype, rows: int = 30) -> None:
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
     x = torch.randn(1, 3, image, image, dtype=dtype)
