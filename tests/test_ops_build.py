@@ -330,5 +330,9 @@ def test_info_reports_without_compiling(monkeypatch, capsys):
         assert f"\n{word}" in "\n" + out, word
     lines = {line.split(":")[0].strip(): line for line in out.splitlines() if line.startswith("  ")}
     assert set(lines) == {"cpu", "cuda"}
+    states = (": available, built: cached at", ": available, not built yet", ": unavailable: ",
+              ": compiles but cannot run here (no GPU visible), ")
     for line in lines.values():
-        assert ": available, built: cached at" in line or ": available, not built yet" in line or ": unavailable: " in line
+        assert any(state in line for state in states), line
+    if not torch.cuda.is_available():
+        assert ": available" not in lines["cuda"], lines["cuda"]
