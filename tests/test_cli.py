@@ -160,10 +160,8 @@ def test_segmentation_png_depth_and_range():
         segmentation_to_png(torch.tensor([[-1, 2]]))
 
 
-def test_info_runs(capsys):
+def test_info_runs(capsys):  # the report itself is tested in test_ops_build.py
     assert main(["info"]) == 0
     text = capsys.readouterr().out
     lines = {line.split(":")[0].strip(): line for line in text.splitlines() if line.startswith("  ")}
     assert lines["cpu"].startswith("  cpu: available")  # CI machines have a compiler and ninja
-    if not torch.cuda.is_available():  # a CUDA kernel that compiles is still not usable without a GPU
-        assert not lines["cuda"].startswith("  cuda: available"), lines["cuda"]
