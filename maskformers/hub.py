@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from .models.backbone import backbone_spec_from_hf_config
 from .models.mask2former import Mask2Former, Mask2FormerConfig, build_mask2former
 
 __all__ = [
@@ -123,33 +124,6 @@ _HF_DEFAULT_BACKBONE = {
     "depths": [2, 2, 18, 2],
     "out_features": ["stage1", "stage2", "stage3", "stage4"],
 }
-_SWIN_DEFAULTS = {"embed_dim": 96, "depths": [2, 2, 6, 2], "num_heads": [3, 6, 12, 24], "window_size": 7,
-                  "mlp_ratio": 4.0, "qkv_bias": True, "num_channels": 3}
-_RESNET_DEPTHS = {(3, 4, 6, 3): 50, (3, 4, 23, 3): 101}
-
-
-def _backbone_spec(bc: Mapping[str, Any]) -> dict[str, Any]:
-    kind = bc.get("model_type")
-    if kind == "swin":
-        get = lambda k: bc.get(k, _SWIN_DEFAULTS[k])  # noqa: E731
-        return {
-            "name": "swin",
-            "embed_dim": int(get("embed_dim")),
-            "depths": [int(d) for d in get("depths")],
-            "num_heads": [int(h) for h in get("num_heads")],
-            "window_size": int(get("window_size")),
-            "mlp_ratio": float(get("mlp_ratio")),
-            "qkv_bias": bool(get("qkv_bias")),
-            "in_chans": int(get("num_channels")),
-        }
-    if kind == "resnet":
-        depth = _RESNET_DEPTHS.get(tuple(bc.get("depths", (3, 4, 6, 3))))
-        if depth is None:
-            raise CheckpointError(f"unsupported resnet backbone depths {bc.get('depths')}")
-        return {"name": "resnet", "depth": depth, "in_chans": int(bc.get("num_channels", 3))}
-    raise CheckpointError(f"unsupported backbone_config model_type={kind!r} (supported: 'swin', 'resnet')")
-
-
 def config_from_hf(hf: Mapping[str, Any]) -> tuple[Mask2FormerConfig, dict[int, str]]:
     """Our config and the label names from a transformers ``Mask2FormerConfig`` dict (config.json)."""
     if hf.get("model_type") != "mask2former":
@@ -162,8 +136,10 @@ def config_from_hf(hf: Mapping[str, Any]) -> tuple[Mask2FormerConfig, dict[int, 
     get = lambda k: hf.get(k, _HF_DEFAULTS[k])  # noqa: E731
     if get("activation_function") != "relu":
         raise CheckpointError(f"unsupported activation_function={get('activation_function')!r} (only 'relu')")
-    bc = hf.get("backbone_config") or _HF_DEFAULT_BACKBONE
-    spec = _backbone_spec(bc)
+    try:  # also rejects backbone options our modules cannot reproduce
+        spec = backbone_spec_from_hf_config(hf.get("backbone_config") or _HF_DEFAULT_BACKBONE)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"config.json backbone_config: {exc}") from exc
     strides = [4, 8, 16, 32]
     if list(get("feature_strides")) != strides:
         raise CheckpointError(
@@ -281,20 +257,13 @@ def load_mask2former(
         from weights_convert import ConversionError
         from weights_convert.hf_mask2former import convert_state_dict
 
-        from .models.backbone import backbone_from_hf_config
-
-        hf = _read_json(folder / HF_CONFIG)
-        config, id2label = config_from_hf(hf)
-        try:  # builds the backbone and rejects options it cannot reproduce
-            backbone = backbone_from_hf_config(hf.get("backbone_config") or _HF_DEFAULT_BACKBONE)
-        except (TypeError, ValueError) as exc:
-            raise CheckpointError(f"{folder / HF_CONFIG}: {exc}") from exc
+        config, id2label = config_from_hf(_read_json(folder / HF_CONFIG))
         raw, path = read_weights(folder)
         try:
             state = convert_state_dict(raw, backbone_type=config.backbone["name"], source=str(path))
         except ConversionError as exc:
             raise CheckpointError(str(exc)) from exc
-        model = build_mask2former(config, backbone=backbone, id2label=id2label, op_backend=op_backend)
+        model = build_mask2former(config, id2label=id2label, op_backend=op_backend)
     else:
         raise CheckpointError(
             f"{folder} has neither {HF_CONFIG} (transformers layout) nor {OUR_CONFIG} (maskformers layout)"

@@ -386,3 +386,14 @@ def test_detectron2_resnet50_checkpoint(tmp_path):
     x = torch.randn(1, 3, 64, 64)
     a, b = our_predictions(model, x), our_predictions(loaded, x)
     assert all(torch.equal(p, q) for pa, pb in zip(a, b) for p, q in zip(pa, pb))
+
+
+def test_converted_folder_rebuilds_the_same_architecture(hf_model, hf_folder, tmp_path):
+    # one parser reads transformers' backbone_config, so a converted copy carries every backbone
+    # setting of the original (drop path included), not only those that change eval outputs
+    from_hf = load_mask2former(hf_folder)
+    from_ours = load_mask2former(convert(hf_folder, tmp_path / "ours"))
+    assert from_ours.config == from_hf.config
+    assert from_hf.config.backbone["drop_path_rate"] == hf_model.config.backbone_config.drop_path_rate
+    rates = [m.drop_prob for m in from_ours.backbone.modules() if type(m).__name__ == "DropPath"]
+    assert rates and max(rates) == pytest.approx(hf_model.config.backbone_config.drop_path_rate)

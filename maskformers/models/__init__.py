@@ -4,6 +4,8 @@ from maskformers.models.backbone import (
     ResNetBackbone,
     SwinBackbone,
     backbone_from_hf_config,
+    backbone_spec_from_hf_config,
+    build_backbone,
     resnet_backbone,
     swin_backbone,
 )
@@ -12,6 +14,8 @@ __all__ = [
     "ResNetBackbone",
     "SwinBackbone",
     "backbone_from_hf_config",
+    "backbone_spec_from_hf_config",
+    "build_backbone",
     "resnet_backbone",
     "swin_backbone",
 ]
@@ -21,7 +25,6 @@ from maskformers.models.mask2former import (  # noqa: E402
     Mask2Former,
     Mask2FormerConfig,
     Mask2FormerOutput,
-    build_backbone,
     build_mask2former,
     mask2former_config,
 )
@@ -40,7 +43,6 @@ __all__ += [
     "MaskedAttentionDecoderLayer",
     "MultiScaleMaskedTransformerDecoder",
     "PixelDecoderOutput",
-    "build_backbone",
     "build_mask2former",
     "mask2former_config",
 ]

@@ -39,6 +39,8 @@ __all__ = [
     "swin_large",
     "resnet_backbone",
     "backbone_from_hf_config",
+    "backbone_spec_from_hf_config",
+    "build_backbone",
     "swin_block_forward",
     "shifted_window_mask",
     "timm_backbone_state_dict",
@@ -309,31 +311,38 @@ def _require_all_stages(config: Mapping[str, Any], num_stages: int) -> None:
                          f" every stage {names} must be an output")
 
 
-def backbone_from_hf_config(config: Mapping[str, Any]) -> nn.Module:
-    """Build the backbone a transformers ``config.json["backbone_config"]`` dict describes.
+def backbone_spec_from_hf_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The backbone spec (see :func:`build_backbone`) a transformers ``config.json["backbone_config"]``
+    dict describes.
 
     Supports ``model_type`` "swin" (as in every Mask2Former/OneFormer Swin checkpoint) and "resnet"
     (bottleneck, torchvision layout). Missing keys take transformers' defaults; options this module
     cannot reproduce (absolute position embeddings, other activations or eps, hidden dropout, a subset
-    of stages) raise ``ValueError``.
+    of stages) raise ``ValueError``. The spec holds plain JSON values, so it can be saved in a config.
     """
     if not isinstance(config, Mapping):
         raise TypeError(f"expected backbone_config as a dict, got {type(config).__name__}")
     model_type = config.get("model_type")
     if model_type == "swin":
-        depths = list(config.get("depths", [2, 2, 6, 2]))
+        depths = [int(d) for d in config.get("depths", [2, 2, 6, 2])]
         for key, expected, default in [
             ("patch_size", 4, 4), ("use_absolute_embeddings", False, False), ("hidden_act", "gelu", "gelu"),
             ("layer_norm_eps", 1e-5, 1e-5), ("hidden_dropout_prob", 0.0, 0.0),
         ]:
             _require(config, key, expected, default)
         _require_all_stages(config, len(depths))
-        return swin_backbone(
-            embed_dim=config.get("embed_dim", 96), depths=depths, num_heads=config.get("num_heads", [3, 6, 12, 24]),
-            window_size=config.get("window_size", 7), mlp_ratio=config.get("mlp_ratio", 4.0),
-            qkv_bias=config.get("qkv_bias", True), drop_path_rate=config.get("drop_path_rate", 0.1),
-            attn_drop_rate=config.get("attention_probs_dropout_prob", 0.0), in_chans=config.get("num_channels", 3),
-        )
+        return {
+            "name": "swin",
+            "embed_dim": int(config.get("embed_dim", 96)),
+            "depths": depths,
+            "num_heads": [int(h) for h in config.get("num_heads", [3, 6, 12, 24])],
+            "window_size": int(config.get("window_size", 7)),
+            "mlp_ratio": float(config.get("mlp_ratio", 4.0)),
+            "qkv_bias": bool(config.get("qkv_bias", True)),
+            "drop_path_rate": float(config.get("drop_path_rate", 0.1)),
+            "attn_drop_rate": float(config.get("attention_probs_dropout_prob", 0.0)),
+            "in_chans": int(config.get("num_channels", 3)),
+        }
     if model_type == "resnet":
         depths = tuple(config.get("depths", [3, 4, 6, 3]))
         depth = {layers: d for d, layers in _RESNET_LAYERS.items()}.get(depths)
@@ -347,5 +356,22 @@ def backbone_from_hf_config(config: Mapping[str, Any]) -> nn.Module:
         ]:
             _require(config, key, expected, default)
         _require_all_stages(config, 4)
-        return resnet_backbone(depth, in_chans=config.get("num_channels", 3))
+        return {"name": "resnet", "depth": depth, "in_chans": int(config.get("num_channels", 3))}
     raise ValueError(f"unsupported backbone_config model_type={model_type!r}; supported: 'swin', 'resnet'")
+
+
+def build_backbone(spec: Mapping[str, Any]) -> nn.Module:
+    """Backbone from a spec ``{"name": "swin" | "resnet", **kwargs of swin_backbone / resnet_backbone}``."""
+    kwargs = dict(spec)
+    name = kwargs.pop("name", None)
+    if name == "swin":
+        return swin_backbone(**kwargs)
+    if name == "resnet":
+        return resnet_backbone(**kwargs)
+    raise ValueError(f"unknown backbone name {name!r} in spec {dict(spec)}; expected 'swin' or 'resnet'")
+
+
+def backbone_from_hf_config(config: Mapping[str, Any]) -> nn.Module:
+    """Build the backbone a transformers ``backbone_config`` dict describes (see
+    :func:`backbone_spec_from_hf_config`)."""
+    return build_backbone(backbone_spec_from_hf_config(config))

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .backbone import resnet_backbone, swin_backbone
+from .backbone import build_backbone
 from .pixel_decoder import MSDeformAttnPixelDecoder
 from .transformer_decoder import MultiScaleMaskedTransformerDecoder
 
@@ -25,7 +25,6 @@ __all__ = [
     "Mask2Former",
     "Mask2FormerConfig",
     "Mask2FormerOutput",
-    "build_backbone",
     "build_mask2former",
     "mask2former_config",
     "SWIN_SPECS",
@@ -172,17 +171,6 @@ class Mask2Former(nn.Module):
         from ..hub import save_mask2former
 
         return save_mask2former(self, folder)
-
-
-def build_backbone(spec: Mapping[str, Any]) -> nn.Module:
-    """Backbone from a spec ``{"name": "swin" | "resnet", **kwargs of swin_backbone / resnet_backbone}``."""
-    kwargs = dict(spec)
-    name = kwargs.pop("name", None)
-    if name == "swin":
-        return swin_backbone(**kwargs)
-    if name == "resnet":
-        return resnet_backbone(**kwargs)
-    raise ValueError(f"unknown backbone name {name!r} in spec {dict(spec)}; expected 'swin' or 'resnet'")
 
 
 def build_mask2former(
