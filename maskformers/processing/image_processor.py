@@ -1,7 +1,7 @@
 """Mask2Former input preprocessing: resize, rescale + normalize, pad to the batch with a pixel mask.
 
 Follows transformers' ``Mask2FormerImageProcessor`` (torchvision backend) step by step so that
-``pixel_values`` come out identical for the same images (see tests/test_processing_parity.py):
+``pixel_values`` come out identical for the same images (see tests/test_processing_image_processor.py):
 
 1. resize to the configured size ({"height", "width"} fixed; {"shortest_edge", "longest_edge"} keeping the
    aspect ratio by the DETR rule; {"max_height", "max_width"} fitting inside), then round each side UP to a
