@@ -10,10 +10,10 @@ import torch
 transformers = pytest.importorskip("transformers")
 from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, SwinConfig  # noqa: E402
 
-from maskformers.ops import resolve_backend  # noqa: E402
+from maskformers.ops import toolchain  # noqa: E402
 
-# float64 agreement asked of every parity test: relative 1e-7 plus an absolute floor far below the
-# logits' scale (they are O(1..30)); the differences seen are ~1e-14
+# float64 agreement the issue asks of every parity test: relative 1e-7, plus an absolute floor far below
+# the logits' scale (O(1) in the tiny configs, up to ~30 in swin-tiny); the differences seen are <= 7e-14
 F64 = dict(rtol=1e-7, atol=1e-9)
 
 
@@ -105,12 +105,11 @@ def assert_masks_nontrivial(preds) -> None:
     assert ((frac > 0.02) & (frac < 0.98)).any(), f"masks are trivial: negative fractions {frac.tolist()}"
 
 
-def native_reason() -> str:
-    """Empty when the native CPU kernel is available, else why not."""
-    try:
-        resolve_backend("native", torch.device("cpu"))
-    except RuntimeError as exc:
-        return str(exc)
+def no_native_toolchain() -> str:
+    """Why the native CPU kernel cannot be built here (no compiler or ninja), else "". Where it can be
+    built, native tests run and a failed build fails them instead of skipping them."""
+    if toolchain.cxx_compiler() is None or toolchain.ninja_path() is None:
+        return "no C++ compiler or ninja to build the native ms_deform_attn kernel"
     return ""
 
 

@@ -104,8 +104,8 @@ def test_swin_float32_error_is_that_of_transformers(dims):
         ref64 = [t.float() for t in ours_from_hf(hf).double()(x.double())]
         hf32, ours32 = hf(x).feature_maps, ours(x)
     for r, h, o in zip(ref64, hf32, ours32):
-        assert (o - h).abs().max().item() < 3e-5  # features are LayerNorm outputs, O(1)
-        assert max_rel(r, o) <= 4 * max_rel(r, h) + 1e-6
+        assert (o - h).abs().max().item() < 3e-5  # features are LayerNorm outputs (|x| up to ~4)
+        assert max_rel(r, o) <= 4 * max_rel(r, h) + 1e-7
 
 
 def test_swin_unfused_attention_and_grad_checkpointing_agree():

@@ -104,6 +104,7 @@ def test_segment_other_tasks(checkpoint, images, tmp_path, task):
         assert set(np.unique(seg).tolist()) == {s["id"] for s in record["segments"]}
         assert seg.max() < 4
     else:  # instance ids are stored + 1 so that 0 means "no instance"
+        assert len(record["segments"]) > 0
         ids = {s["id"] + 1 for s in record["segments"]}
         assert set(np.unique(seg).tolist()) <= ids | {0}
 

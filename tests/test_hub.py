@@ -3,6 +3,7 @@ our own layout, detectron2 checkpoints, and every way a checkpoint can be broken
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import pickle
@@ -49,7 +50,7 @@ def hf_folder(hf_model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference_outputs(hf_model):
-    return hf_predictions(hf_model.double(), X.double())
+    return hf_predictions(copy.deepcopy(hf_model).double(), X.double())
 
 
 def copy_folder(src, dst, *, skip=()):
@@ -91,7 +92,7 @@ def test_safetensors_preferred_over_bin(hf_folder, tmp_path, reference_outputs):
 
 
 def test_sharded_safetensors(hf_model, tmp_path, reference_outputs):
-    hf_model.float().save_pretrained(tmp_path / "sharded", max_shard_size="200KB")
+    hf_model.save_pretrained(tmp_path / "sharded", max_shard_size="200KB")
     assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
     assert_matches(load_mask2former(tmp_path / "sharded", op_backend="reference"), reference_outputs)
 
@@ -108,7 +109,7 @@ def test_transformers_4x_file_layout(hf_folder, tmp_path, reference_outputs):
 
 def test_transformers_5_in_memory_names_convert_like_the_file(hf_model, hf_folder):
     from_file = convert_state_dict(load_file(hf_folder / "model.safetensors"))
-    from_memory = convert_state_dict(hf_model.float().state_dict())
+    from_memory = convert_state_dict(hf_model.state_dict())
     assert from_file.keys() == from_memory.keys()
     assert all(torch.equal(from_file[k], from_memory[k]) for k in from_file)
 
@@ -177,7 +178,7 @@ def d2_model():
 def d2_state(d2_model, tmp_path_factory):
     """d2_model's weights in the original repository's names (from the 4.x names save_pretrained writes)."""
     folder = tmp_path_factory.mktemp("d2src")
-    d2_model.float().save_pretrained(folder)
+    d2_model.save_pretrained(folder)
     return hf_to_d2_state_dict(load_file(folder / "model.safetensors"))
 
 
@@ -200,7 +201,7 @@ def test_detectron2_checkpoint(d2_model, d2_state, tmp_path, kind):
     assert (arch["num_classes"], arch["num_queries"], arch["decoder_layers"], arch["encoder_points"]) == (5, 10, 4, 4)
     assert arch["backbone"]["depths"] == [1, 1, 2, 1]
     model = load_mask2former(convert(src, tmp_path / "ours"), op_backend="reference")
-    expected = hf_predictions(d2_model.double(), X.double())
+    expected = hf_predictions(copy.deepcopy(d2_model).double(), X.double())
     assert_predictions_close(expected, our_predictions(model.double(), X.double()), **F64)
 
 

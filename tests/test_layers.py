@@ -152,6 +152,7 @@ def test_msdeformattn_locations_float32_for_16bit_and_autocast(monkeypatch):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ours(x + pos, ref, x, shapes, starts)
     assert seen == {"value": torch.bfloat16, "locations": torch.float32, "weights": torch.float32}
+    seen.clear()
     ours.to(torch.bfloat16)
     ours(x.bfloat16(), ref, x.bfloat16(), shapes, starts)
     assert seen == {"value": torch.bfloat16, "locations": torch.float32, "weights": torch.float32}

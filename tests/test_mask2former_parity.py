@@ -13,7 +13,7 @@ from mask2former_helpers import (
     assert_predictions_close,
     hf_predictions,
     make_hf_model,
-    native_reason,
+    no_native_toolchain,
     our_predictions,
     save_hf,
     swin_tiny_coco_panoptic_hf_config,
@@ -67,8 +67,8 @@ def swin_tiny_checkpoint(tmp_path_factory):
 def test_swin_tiny_coco_panoptic(swin_tiny_checkpoint, backend):
     """The full published architecture (Swin-T, 133 classes, 100 queries, 6 + 9 layers), batch 2, at a
     small size that is not a multiple of 32 (windows and patch merging pad)."""
-    if backend == "native" and native_reason():
-        pytest.skip(f"native ms_deform_attn kernel unavailable on cpu: {native_reason()}")
+    if backend == "native" and no_native_toolchain():
+        pytest.skip(no_native_toolchain())
     hf, folder = swin_tiny_checkpoint
     ours = Mask2Former.from_pretrained(folder, op_backend=backend)
     assert ours.num_classes == 133 and ours.transformer_decoder.num_queries == 100
@@ -76,8 +76,7 @@ def test_swin_tiny_coco_panoptic(swin_tiny_checkpoint, backend):
 
 
 def test_native_backend(tmp_path):
-    reason = native_reason()
-    if reason:
-        pytest.skip(f"native ms_deform_attn kernel unavailable on cpu: {reason}")
+    if no_native_toolchain():
+        pytest.skip(no_native_toolchain())
     hf, ours = load_pair(tmp_path, tiny_hf_config(), backend="native")
     check(hf, ours, torch.randn(2, 3, 97, 131, generator=torch.Generator().manual_seed(5)))

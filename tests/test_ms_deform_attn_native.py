@@ -198,19 +198,22 @@ def test_16bit_error_no_worse_than_twice_reference_error(ext, dtype):
     for name, nat, ref, truth in zip(names, (out, *nat_grads), (ref_out, *ref_grads), (truth_out, *truth_grads)):
         nat_err, ref_err = max_err(nat, truth), max_err(ref, truth)
         assert ref_err > 0, name
-        assert nat_err <= 2 * ref_err, f"{name}: native error {nat_err:.3g} vs reference {ref_err:.3g} in {dtype}"
+        # asked: <= 2x the reference's error; float32 accumulation gives ~0.1x (0 for the float32 location
+        # and weight gradients), so 0.5x also catches a slide back to 16-bit accumulation
+        assert nat_err <= 0.5 * ref_err, f"{name}: native error {nat_err:.3g} vs reference {ref_err:.3g} in {dtype}"
 
 
 def test_float32_matches_float64_truth(ext):
     value, shapes, starts, loc, w = random_problem(2)
-    grad_out = torch.randn(value.shape[0], loc.shape[1], value.shape[2] * value.shape[3], dtype=torch.float64)
+    grad_out = torch.randn(value.shape[0], loc.shape[1], value.shape[2] * value.shape[3], dtype=torch.float64,
+                           generator=torch.Generator().manual_seed(2))
     truth_out, truth_grads = reference_with_grads(value, shapes, starts, loc, w, grad_out)
     out = ext.forward(value.float(), shapes, starts, loc.float(), w.float())
     grads = ext.backward(value.float(), shapes, starts, loc.float(), w.float(), grad_out.float())
     assert out.dtype == torch.float32 and all(t.dtype == torch.float32 for t in grads)
     assert max_err(out, truth_out) < 1e-5
     for nat, truth in zip(grads, truth_grads):
-        assert max_err(nat, truth) < 1e-4 * max(1.0, truth.abs().max().item())
+        assert max_err(nat, truth) < 1e-5 * max(1.0, truth.abs().max().item())
 
 
 # ----------------------------------------------------------------------------------------------

@@ -23,6 +23,13 @@ pytest.importorskip("torchvision")
 from transformers import Mask2FormerImageProcessor  # noqa: E402
 
 RNG = np.random.default_rng(0)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_rng():
+    """Every test draws the same images whatever ran before it (-k, reordering)."""
+    global RNG
+    RNG = np.random.default_rng(0)
 SHAPES = [(480, 640), (300, 200), (97, 131), (33, 31), (384, 384)]
 
 

@@ -12,6 +12,13 @@ from maskformers.processing import ImageLoadError, load_image, to_rgb_tensor
 RNG = np.random.default_rng(0)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_rng():
+    """Every test draws the same images whatever ran before it (-k, reordering)."""
+    global RNG
+    RNG = np.random.default_rng(0)
+
+
 def _rgb(h: int = 9, w: int = 13) -> np.ndarray:
     return RNG.integers(0, 256, (h, w, 3), dtype=np.uint8)
 
