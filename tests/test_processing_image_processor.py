@@ -1,8 +1,10 @@
 """ImageProcessor: configs, the resize rule, and bit-exact parity with transformers' Mask2FormerImageProcessor.
 
 The reference is transformers' torchvision-backend processor. Our resize calls the same ``F.interpolate``
-kernels on the same dtypes (uint8 where torchvision resizes uint8, float + round where it does not), so
-``pixel_values`` are compared with ``torch.equal``: tolerance zero.
+kernels on the same dtypes (uint8 where torchvision resizes uint8, float + round where it does not), so the
+resized pixels are the same integers; ``pixel_values`` (float32 rescale + normalize, an expression whose
+evaluation order transformers may change) are compared at float32 rounding (tolerances.py), ``pixel_mask``
+exactly. A resize that differs by one grey level moves a value by ~0.017, far beyond that bound.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 
 from maskformers.processing import ImageProcessor
 from maskformers.processing.image_processor import resized_size
+from tolerances import assert_float32_rounding
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("torchvision")
@@ -45,7 +48,7 @@ def _reference(config: dict, images) -> dict:
 def _assert_same(ours: dict, ref: dict) -> None:
     assert ours["pixel_values"].dtype == torch.float32 and ours["pixel_mask"].dtype == torch.int64
     assert ours["pixel_values"].shape == ref["pixel_values"].shape
-    assert torch.equal(ours["pixel_values"], ref["pixel_values"])
+    assert_float32_rounding(ours["pixel_values"], ref["pixel_values"], what="pixel_values")
     assert torch.equal(ours["pixel_mask"], ref["pixel_mask"])
 
 
@@ -63,7 +66,7 @@ CONFIGS = [
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: ",".join(f"{k}" for k in c) or "defaults")
-def test_pixel_values_match_transformers_bit_for_bit(config):
+def test_pixel_values_match_transformers(config):
     images = _images()
     ours = ImageProcessor(**config)(images)
     _assert_same(ours, _reference(config, images))
