@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from .models.backbone import backbone_spec_from_hf_config
+from .ops.backend import check_backend, set_backend
 from .models.mask2former import Mask2Former, Mask2FormerConfig, build_mask2former
 
 __all__ = [
@@ -238,7 +239,9 @@ def load_mask2former(
     op_backend: str | None = None,
 ) -> Mask2Former:
     """A Mask2Former with the weights of a hub id or local folder (transformers or our layout), in eval
-    mode on the CPU. ``op_backend`` is the pixel decoder's ms_deform_attn backend."""
+    mode on the CPU. ``op_backend`` (None, "native", "reference") is applied to the whole model with
+    :func:`maskformers.ops.set_backend`."""
+    check_backend(op_backend, name="op_backend")
     folder = _resolve(name_or_path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
     if (folder / OUR_CONFIG).is_file():
         meta = _read_json(folder / OUR_CONFIG)
@@ -252,7 +255,7 @@ def load_mask2former(
             raise CheckpointError(f"invalid config in {folder / OUR_CONFIG}: {exc}") from exc
         id2label = meta.get("id2label") or {}
         state, path = read_weights(folder)
-        model = build_mask2former(config, id2label=id2label, op_backend=op_backend)
+        model = build_mask2former(config, id2label=id2label)
     elif (folder / HF_CONFIG).is_file():
         from weights_convert import ConversionError
         from weights_convert.hf_mask2former import convert_state_dict
@@ -263,12 +266,14 @@ def load_mask2former(
             state = convert_state_dict(raw, backbone_type=config.backbone["name"], source=str(path))
         except ConversionError as exc:
             raise CheckpointError(str(exc)) from exc
-        model = build_mask2former(config, id2label=id2label, op_backend=op_backend)
+        model = build_mask2former(config, id2label=id2label)
     else:
         raise CheckpointError(
             f"{folder} has neither {HF_CONFIG} (transformers layout) nor {OUR_CONFIG} (maskformers layout)"
         )
     load_state_dict_strict(model, state, source=str(path))
+    if op_backend is not None:
+        set_backend(model, op_backend)
     if (folder / PREPROCESSOR_CONFIG).is_file():
         model.preprocessor_config = _read_json(folder / PREPROCESSOR_CONFIG)
     return model.eval()

@@ -12,6 +12,8 @@ import shutil
 import numpy as np
 import pytest
 import torch
+
+from maskformers.ops import set_backend
 from safetensors.torch import load_file, save_file
 
 from mask2former_helpers import (
@@ -379,7 +381,7 @@ def test_detectron2_resnet50_checkpoint(tmp_path):
     cfg = Mask2FormerConfig(backbone={"name": "resnet", "depth": 50}, num_classes=3, num_queries=6, hidden_dim=64,
                             conv_dim=64, mask_dim=32, num_heads=8, encoder_layers=2, encoder_ffn_dim=48,
                             decoder_layers=3, decoder_ffn_dim=40)
-    model = build_mask2former(cfg, op_backend="reference").eval()
+    model = set_backend(build_mask2former(cfg), "reference").eval()
     src = write_pkl(ours_to_d2(model.state_dict()), tmp_path / "r50.pkl")
     arch = d2_mask2former.infer_architecture(d2_mask2former.load_checkpoint(src))
     assert Mask2FormerConfig(**arch) == cfg

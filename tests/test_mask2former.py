@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from maskformers.ops import set_backend
+
 from mask2former_helpers import F64, assert_float32_noise, perturb_, tiny_hf_config
 from maskformers.layers import prediction_heads
 from maskformers.models.mask2former import (
@@ -42,8 +44,8 @@ def pixel_decoder_pair(cfg=None, seed=0):
     ours = MSDeformAttnPixelDecoder(
         in_channels=CHANNELS, in_strides=STRIDES, conv_dim=cfg.feature_size, mask_dim=cfg.mask_feature_size,
         num_heads=cfg.num_attention_heads, num_layers=cfg.encoder_layers, ffn_dim=cfg.encoder_feedforward_dim,
-        op_backend="reference",
-    ).eval()
+    )
+    ours = set_backend(ours, "reference").eval()
     ours.load_state_dict(apply_rules(hf.state_dict(), pixel_decoder_rules("", "")))
     return hf, ours
 
@@ -181,7 +183,7 @@ class ToyBackbone(torch.nn.Module):
 def test_pixel_decoder_without_fpn_levels_on_a_custom_backbone():
     cfg = Mask2FormerConfig(num_classes=3, num_queries=5, hidden_dim=32, conv_dim=32, mask_dim=16, num_heads=2,
                             encoder_layers=1, encoder_ffn_dim=16, decoder_layers=3, decoder_ffn_dim=16, common_stride=8)
-    model = build_mask2former(cfg, backbone=ToyBackbone(), op_backend="reference").eval()
+    model = set_backend(build_mask2former(cfg, backbone=ToyBackbone()), "reference").eval()
     assert len(model.pixel_decoder.lateral_convs) == 0 and model.pixel_decoder.mask_stride == 8
     with torch.no_grad():
         out = model(torch.randn(2, 3, 64, 96))
@@ -192,8 +194,8 @@ def test_pixel_decoder_without_fpn_levels_on_a_custom_backbone():
 
 def test_pixel_decoder_two_fpn_levels():
     dec = MSDeformAttnPixelDecoder(in_channels=(8, 16, 32, 64, 128), in_strides=(2, 4, 8, 16, 32), conv_dim=32,
-                                   mask_dim=8, num_heads=2, num_layers=1, ffn_dim=16, common_stride=2,
-                                   op_backend="reference")
+                                   mask_dim=8, num_heads=2, num_layers=1, ffn_dim=16, common_stride=2)
+    set_backend(dec, "reference")
     assert dec.fpn_indices == [0, 1] and dec.mask_stride == 2
     feats = [torch.randn(1, c, 64 // s, 64 // s) for c, s in zip((8, 16, 32, 64, 128), (2, 4, 8, 16, 32))]
     out = dec(feats)
@@ -237,7 +239,7 @@ def tiny_model():
         num_classes=4, num_queries=6, hidden_dim=32, conv_dim=32, mask_dim=32, num_heads=2, encoder_layers=1,
         encoder_ffn_dim=16, decoder_layers=3, decoder_ffn_dim=24,
     )
-    return build_mask2former(cfg, op_backend="reference", id2label={0: "a", 1: "b", 2: "c", 3: "d"}).eval()
+    return set_backend(build_mask2former(cfg, id2label={0: "a", 1: "b", 2: "c", 3: "d"}), "reference").eval()
 
 
 def test_forward_output_fields_and_shapes():
@@ -292,7 +294,7 @@ def test_published_variant_configs(backbone, dataset, queries, window, classes):
 
 
 def test_swin_tiny_builder_parameter_count():
-    model = build_mask2former(mask2former_config("swin-tiny", "coco-panoptic"), op_backend="reference")
+    model = set_backend(build_mask2former(mask2former_config("swin-tiny", "coco-panoptic")), "reference")
     n = sum(p.numel() for p in model.parameters())
     assert 47_000_000 < n < 48_000_000  # the published Swin-T Mask2Former has 47.4M parameters
 

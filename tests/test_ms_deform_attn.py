@@ -291,3 +291,40 @@ def test_torch_compile_fullgraph_matches_eager():
     torch.testing.assert_close(comp, eager)
     for a, b in zip(args_c, args):
         torch.testing.assert_close(a.grad, b.grad)
+
+
+# ----------------------------------------------------------------------------- one switch per model
+def test_set_backend_and_use_backend(monkeypatch):
+    from maskformers.layers import DeformableEncoder
+    from maskformers.ops import functional, set_backend, use_backend
+
+    calls = []
+    real = functional.ms_deform_attn_reference
+    monkeypatch.setattr(functional, "ms_deform_attn_reference", lambda *a: calls.append(1) or real(*a))
+    encoder = DeformableEncoder(num_layers=3, embed_dim=16, num_heads=2, num_levels=2, num_points=1, ffn_dim=8)
+    layers = [m for m in encoder.modules() if hasattr(m, "op_backend")]
+    assert len(layers) == 3 and all(m.op_backend is None for m in layers)
+    assert set_backend(encoder, "reference") is encoder
+    assert all(m.op_backend == "reference" for m in layers)
+    x = torch.randn(1, 4 * 4 + 2 * 2, 16)
+    shapes, starts = torch.tensor([[4, 4], [2, 2]]), torch.tensor([0, 16])
+    encoder(x, torch.zeros_like(x), shapes, starts)
+    assert len(calls) == 3
+    set_backend(encoder, None)
+    calls.clear()
+    with use_backend("reference"):
+        encoder(x, torch.zeros_like(x), shapes, starts)
+        assert functional.resolve_backend(None, x.device) == "reference"
+    assert len(calls) == 3
+    with use_backend("native"):  # a layer's own choice wins over the thread default
+        assert functional.resolve_backend("reference", x.device) == "reference"
+    from maskformers.ops.backend import default_backend
+
+    assert default_backend() is None  # restored on exit
+    with pytest.raises(ValueError, match="backend must be None, 'native' or 'reference', got 'cuda'"):
+        set_backend(encoder, "cuda")
+    with pytest.raises(ValueError, match="backend must be"):
+        with use_backend("fast"):
+            pass
+    with pytest.raises(ValueError, match="Linear has no layer that calls a maskformers op"):
+        set_backend(torch.nn.Linear(2, 2), "reference")

@@ -48,7 +48,6 @@ class DeformableEncoderLayer(nn.Module):
         num_points: int = 4,
         ffn_dim: int = 1024,
         dropout: float = 0.0,
-        op_backend: str | None = None,
     ) -> None:
         super().__init__()
         self.self_attn = MSDeformAttn(
@@ -56,7 +55,6 @@ class DeformableEncoderLayer(nn.Module):
             num_heads=num_heads,
             num_levels=num_levels,
             num_points=num_points,
-            op_backend=op_backend,
         )
         self.norm1 = nn.LayerNorm(embed_dim)
         self.linear1 = nn.Linear(embed_dim, ffn_dim)
@@ -96,7 +94,6 @@ class DeformableEncoder(nn.Module):
         num_points: int = 4,
         ffn_dim: int = 1024,
         dropout: float = 0.0,
-        op_backend: str | None = None,
     ) -> None:
         super().__init__()
         self.num_levels = num_levels
@@ -108,15 +105,9 @@ class DeformableEncoder(nn.Module):
                 num_points=num_points,
                 ffn_dim=ffn_dim,
                 dropout=dropout,
-                op_backend=op_backend,
-            )
+                )
             for _ in range(num_layers)
         )
-
-    def set_op_backend(self, backend: str | None) -> None:
-        """Choose the ms_deform_attn backend of every layer (None, "native" or "reference")."""
-        for layer in self.layers:
-            layer.self_attn.op_backend = backend
 
     def forward(
         self,

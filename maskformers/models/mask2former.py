@@ -132,10 +132,6 @@ class Mask2Former(nn.Module):
     def num_classes(self) -> int:
         return self.transformer_decoder.head.num_classes
 
-    def set_op_backend(self, backend: str | None) -> None:
-        """ms_deform_attn backend of the pixel decoder: None (native when available), "native", "reference"."""
-        self.pixel_decoder.set_op_backend(backend)
-
     def forward(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None = None) -> Mask2FormerOutput:
         """pixel_values (B, 3, H, W), normalized.
 
@@ -178,7 +174,6 @@ def build_mask2former(
     *,
     backbone: nn.Module | None = None,
     id2label: Mapping[int, str] | None = None,
-    op_backend: str | None = None,
 ) -> Mask2Former:
     """A randomly initialised Mask2Former for ``config`` (backbone built from ``config.backbone``
     unless given; it must report ``channels`` and ``strides``)."""
@@ -197,7 +192,6 @@ def build_mask2former(
         num_points=config.encoder_points,
         num_levels=config.num_feature_levels,
         common_stride=config.common_stride,
-        op_backend=op_backend,
     )
     transformer_decoder = MultiScaleMaskedTransformerDecoder(
         in_channels=config.conv_dim,

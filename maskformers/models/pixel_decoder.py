@@ -71,7 +71,6 @@ class MSDeformAttnPixelDecoder(nn.Module):
         num_levels: int = 3,
         common_stride: int = 4,
         dropout: float = 0.0,
-        op_backend: str | None = None,
     ) -> None:
         super().__init__()
         in_channels, in_strides = [int(c) for c in in_channels], [int(s) for s in in_strides]
@@ -112,7 +111,6 @@ class MSDeformAttnPixelDecoder(nn.Module):
             num_points=num_points,
             ffn_dim=ffn_dim,
             dropout=dropout,
-            op_backend=op_backend,
         )
         self.fpn_indices = [i for i in range(first_level) if in_strides[i] >= common_stride]
         self.lateral_convs = nn.ModuleList(_conv_gn(in_channels[i], conv_dim, 1, bias=False) for i in self.fpn_indices)
@@ -131,10 +129,6 @@ class MSDeformAttnPixelDecoder(nn.Module):
                 nn.init.kaiming_uniform_(m.weight, a=1)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-
-    def set_op_backend(self, backend: str | None) -> None:
-        """Choose the ms_deform_attn backend of the encoder (None, "native" or "reference")."""
-        self.encoder.set_op_backend(backend)
 
     def _check(self, features: Sequence[torch.Tensor]) -> None:
         if len(features) != len(self.in_channels):

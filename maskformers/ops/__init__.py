@@ -1,6 +1,11 @@
-"""The multi-scale deformable attention op: ``ms_deform_attn`` with native (C++/CUDA) and reference backends."""
+"""Native ops with reference implementations: ``ms_deform_attn`` (multi-scale deformable attention).
 
-from .functional import BACKENDS, ms_deform_attn, resolve_backend
+``set_backend(model, backend)`` / ``use_backend(backend)`` choose the backend of every op call of a model.
+Importing this package compiles nothing: kernels are built on first use.
+"""
+
+from .backend import BACKENDS, set_backend, use_backend
+from .functional import ms_deform_attn, resolve_backend
 from .reference import ms_deform_attn_reference
 
-__all__ = ["BACKENDS", "ms_deform_attn", "ms_deform_attn_reference", "resolve_backend"]
+__all__ = ["BACKENDS", "ms_deform_attn", "ms_deform_attn_reference", "resolve_backend", "set_backend", "use_backend"]

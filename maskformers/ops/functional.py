@@ -17,12 +17,12 @@ import warnings
 
 import torch
 
+from .backend import BACKENDS, check_backend, default_backend
 from .reference import ms_deform_attn_reference
 from .validation import check_inputs, check_level_values, coord_dtype
 
 __all__ = ["ms_deform_attn", "resolve_backend", "BACKENDS", "STRICT_ENV"]
 
-BACKENDS = ("native", "reference")
 STRICT_ENV = "MASKFORMERS_STRICT_OPS"
 
 
@@ -117,12 +117,14 @@ def _native_reason(device_type: str) -> str:
 def resolve_backend(backend: str | None, device: torch.device) -> str:
     """The backend that will run for tensors on ``device``: ``backend`` itself, or the choice for None.
 
-    ``None`` picks "native" when its kernel loads for that device type, else "reference" with one
-    warning per device type saying why; with ``MASKFORMERS_STRICT_OPS=1`` that fallback is an error.
-    Asking for "native" explicitly never falls back.
+    ``None`` takes the thread's default (:func:`maskformers.ops.use_backend`), and when that is None too
+    picks "native" when its kernel loads for that device type, else "reference" with one warning per
+    device type saying why; with ``MASKFORMERS_STRICT_OPS=1`` that fallback is an error. Asking for
+    "native" explicitly never falls back.
     """
-    if backend not in (None, *BACKENDS):
-        raise ValueError(f"backend must be None, 'native' or 'reference', got {backend!r}")
+    check_backend(backend)
+    if backend is None:
+        backend = default_backend()
     if backend == "reference":
         return backend
     reason = _native_reason(device.type)
