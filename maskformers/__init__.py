@@ -1,26 +1,41 @@
-"""maskformers: Mask2Former (and OneFormer) in plain PyTorch.
+"""maskformers: Mask2Former and OneFormer in plain PyTorch.
 
-    from maskformers import Mask2Former, ImageProcessor, post_process_panoptic
+    import maskformers
 
-    model = Mask2Former.from_pretrained("facebook/mask2former-swin-tiny-coco-panoptic")
-    processor = ImageProcessor.from_pretrained("facebook/mask2former-swin-tiny-coco-panoptic")
+    model = maskformers.from_pretrained("facebook/mask2former-swin-tiny-coco-panoptic")  # or a OneFormer
+    processor = maskformers.ImageProcessor.from_pretrained("facebook/mask2former-swin-tiny-coco-panoptic")
 
 The deformable attention op lives in :mod:`maskformers.ops`, the building blocks in
-:mod:`maskformers.models` and :mod:`maskformers.layers`.
+:mod:`maskformers.models` and :mod:`maskformers.layers`. Names are imported on first use, so
+``import maskformers`` costs little more than ``import torch``.
 """
 
-from .models.mask2former import Mask2Former, Mask2FormerConfig, Mask2FormerOutput
-from .processing import ImageProcessor, post_process_instance, post_process_panoptic, post_process_semantic
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ImageProcessor",
-    "Mask2Former",
-    "Mask2FormerConfig",
-    "Mask2FormerOutput",
-    "__version__",
-    "post_process_instance",
-    "post_process_panoptic",
-    "post_process_semantic",
-]
+_EXPORTS = {
+    "from_pretrained": ".hub",
+    "CheckpointError": ".hub",
+    "Mask2Former": ".models.mask2former",
+    "Mask2FormerOutput": ".models.mask2former",
+    "Mask2FormerConfig": ".models.config",
+    "ImageProcessor": ".processing.image_processor",
+    "post_process_instance": ".processing.postprocess",
+    "post_process_panoptic": ".processing.postprocess",
+    "post_process_semantic": ".processing.postprocess",
+}
+
+__all__ = ["__version__", *sorted(_EXPORTS)]
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)
+
+if TYPE_CHECKING:
+    from .hub import CheckpointError, from_pretrained
+    from .models.config import Mask2FormerConfig
+    from .models.mask2former import Mask2Former, Mask2FormerOutput
+    from .processing.image_processor import ImageProcessor
+    from .processing.postprocess import post_process_instance, post_process_panoptic, post_process_semantic

@@ -36,7 +36,7 @@ def _convert(args: argparse.Namespace) -> int:
     from .hub import CheckpointError, convert
 
     try:
-        folder = convert(args.src, args.dst)
+        folder = convert(args.src, args.dst, force=args.force)
     except (CheckpointError, FileNotFoundError, ValueError) as exc:
         print(f"maskformers convert: {exc}", file=sys.stderr)
         return 1
@@ -161,7 +161,8 @@ def make_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("convert", help="convert a checkpoint (hub id, folder, detectron2 .pkl/.pth) to our format")
     p.add_argument("src")
-    p.add_argument("dst")
+    p.add_argument("dst", help="output folder: must be missing or empty (see --force), never the source")
+    p.add_argument("--force", action="store_true", help="write into a non-empty DST, replacing our files there")
     p.set_defaults(run=_convert)
 
     p = sub.add_parser("info", help="versions, and which ms_deform_attn backends are available (and why not)")

@@ -1,44 +1,51 @@
-"""Load and save Mask2Former checkpoints: hub ids, transformers folders, our own folders, detectron2 files.
+"""Load and save checkpoints: hub ids, transformers folders, our own folders, original-repository files.
 
-``load_mask2former(name_or_path)`` (= ``Mask2Former.from_pretrained``) resolves a hub id with
-``huggingface_hub.snapshot_download`` or takes a local folder, then:
+``from_pretrained(name_or_path)`` (also ``maskformers.from_pretrained``) resolves a hub id with
+``huggingface_hub.snapshot_download`` or takes a local folder, reads its ``model_type`` and returns the
+right model, like transformers' Auto classes:
 
-* transformers layout (``config.json`` with ``model_type="mask2former"`` + ``model.safetensors`` or
-  ``pytorch_model.bin``, optionally sharded, + optional ``preprocessor_config.json``): the config is
-  translated to :class:`Mask2FormerConfig`, the weights renamed by ``weights_convert.hf_mask2former``;
+* transformers layout (``config.json`` with ``model_type`` "mask2former" or "oneformer" + ``model.safetensors``
+  or ``pytorch_model.bin``, optionally sharded, + optional ``preprocessor_config.json``): the config is
+  translated by ``weights_convert.hf_config``, the weights renamed by ``weights_convert.hf_<model>``;
 * our layout (``maskformers_config.json`` + ``model.safetensors`` with our names), written by
-  ``save_mask2former`` / ``Mask2Former.save_pretrained``.
+  :func:`save_pretrained` / ``model.save_pretrained``.
 
 Weights load strictly: missing, unexpected or mis-shaped keys raise one :class:`CheckpointError`
-listing them all. safetensors is preferred when both formats exist; ``.bin`` files load with
-``torch.load(weights_only=True)``. ``convert(src, dst)`` turns any supported source (also detectron2
-``.pkl``/``.pth`` files of the original repository) into our layout.
+summarising them all. safetensors is preferred when both formats exist; ``.bin`` files load with
+``torch.load(weights_only=True)``. :func:`convert` turns any supported source (also the original
+repositories' ``.pkl``/``.pth`` files) into our layout, never over its own source.
+
+This module imports the model classes only when it builds one, so ``models`` and ``hub`` do not
+import each other at import time.
 """
 
 from __future__ import annotations
 
 import json
-import pickle
+import os
 import re
-from collections.abc import Mapping
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
+from torch import nn
 
-from .models.backbone import backbone_spec_from_hf_config
 from .ops.backend import check_backend, set_backend
-from .models.mask2former import Mask2Former, Mask2FormerConfig, build_mask2former
 
 __all__ = [
     "CheckpointError",
-    "load_mask2former",
-    "save_mask2former",
-    "config_from_hf",
-    "read_weights",
-    "load_state_dict_strict",
-    "convert",
+    "MODEL_TYPES",
     "OUR_CONFIG",
+    "checkpoint_model_type",
+    "convert",
+    "from_pretrained",
+    "load_state_dict_strict",
+    "read_weights",
+    "resolve_checkpoint",
+    "save_pretrained",
 ]
 
 OUR_CONFIG = "maskformers_config.json"
@@ -50,7 +57,10 @@ WEIGHT_FILES = (  # in order of preference
     "pytorch_model.bin",
     "pytorch_model.bin.index.json",
 )
-_FORMAT_VERSION = 1
+MODEL_TYPES = ("mask2former", "oneformer")
+# 1: the first layout; 2: Mask2Former's learned queries moved from the decoder to the model
+_FORMAT_VERSION = 2
+_PROBLEM_KEYS_SHOWN = 12
 
 
 class CheckpointError(RuntimeError):
@@ -64,9 +74,12 @@ class CheckpointError(RuntimeError):
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"cannot read JSON file {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
 
 
 def _read_one(path: Path) -> dict[str, torch.Tensor]:
@@ -77,13 +90,14 @@ def _read_one(path: Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         except Exception as exc:  # SafetensorError, OSError: truncated, corrupt or unreadable
             raise CheckpointError(f"cannot read safetensors weights {path} (truncated or corrupt?): {exc}") from exc
+    from weights_convert.checkpoint_io import UnsafePickleError, torch_load_weights_only
+
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # zip/pickle errors, EOF, or a pickle that needs code execution
-        raise CheckpointError(
-            f"cannot read PyTorch weights {path} with torch.load(weights_only=True) (truncated, corrupt, or not a "
-            f"plain state dict?): {exc}"
-        ) from exc
+        data = torch_load_weights_only(path, name=str(path))
+    except UnsafePickleError as exc:
+        raise CheckpointError(str(exc)) from None
+    except Exception as exc:  # zip/pickle errors, EOF
+        raise CheckpointError(f"cannot read PyTorch weights {path} (truncated or corrupt?): {exc}") from exc
     if not isinstance(data, Mapping) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise CheckpointError(f"{path} does not hold a state dict (name -> tensor), got {type(data).__name__}")
     return dict(data)
@@ -110,77 +124,20 @@ def read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], Path]:
 
 
 # ------------------------------------------------------------------------------------------------
-# transformers config -> ours
-# ------------------------------------------------------------------------------------------------
-
-# transformers defaults for keys a (diff-saved) config.json may leave out
-_HF_DEFAULTS = {
-    "feature_size": 256, "mask_feature_size": 256, "hidden_dim": 256, "encoder_feedforward_dim": 1024,
-    "activation_function": "relu", "encoder_layers": 6, "decoder_layers": 10, "num_attention_heads": 8,
-    "dim_feedforward": 2048, "pre_norm": False, "enforce_input_projection": False, "common_stride": 4,
-    "num_queries": 100, "feature_strides": [4, 8, 16, 32],
-}
-_HF_DEFAULT_BACKBONE = {
-    "model_type": "swin",
-    "depths": [2, 2, 18, 2],
-    "out_features": ["stage1", "stage2", "stage3", "stage4"],
-}
-def config_from_hf(hf: Mapping[str, Any]) -> tuple[Mask2FormerConfig, dict[int, str]]:
-    """Our config and the label names from a transformers ``Mask2FormerConfig`` dict (config.json)."""
-    if hf.get("model_type") != "mask2former":
-        raise CheckpointError(f"config.json has model_type={hf.get('model_type')!r}, expected 'mask2former'")
-    if hf.get("use_timm_backbone") or (hf.get("backbone") and not hf.get("backbone_config")):
-        raise CheckpointError(
-            f"config.json names a backbone by string (backbone={hf.get('backbone')!r}, use_timm_backbone="
-            f"{hf.get('use_timm_backbone')!r}); only an explicit backbone_config is supported"
-        )
-    get = lambda k: hf.get(k, _HF_DEFAULTS[k])  # noqa: E731
-    if get("activation_function") != "relu":
-        raise CheckpointError(f"unsupported activation_function={get('activation_function')!r} (only 'relu')")
-    try:  # also rejects backbone options our modules cannot reproduce
-        spec = backbone_spec_from_hf_config(hf.get("backbone_config") or _HF_DEFAULT_BACKBONE)
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"config.json backbone_config: {exc}") from exc
-    strides = [4, 8, 16, 32]
-    if list(get("feature_strides")) != strides:
-        raise CheckpointError(
-            f"config.json feature_strides={get('feature_strides')} differ from the backbone's {strides}"
-        )
-    id2label = {int(k): str(v) for k, v in (hf.get("id2label") or {}).items()}
-    num_classes = len(id2label) if id2label else hf.get("num_labels")
-    if not num_classes:
-        raise CheckpointError("config.json has neither id2label nor num_labels; cannot tell the number of classes")
-    if get("decoder_layers") < 1:
-        raise CheckpointError(f"config.json decoder_layers={get('decoder_layers')} must be >= 1")
-    config = Mask2FormerConfig(
-        backbone=spec,
-        num_classes=int(num_classes),
-        num_queries=int(get("num_queries")),
-        hidden_dim=int(get("hidden_dim")),
-        conv_dim=int(get("feature_size")),
-        mask_dim=int(get("mask_feature_size")),
-        num_heads=int(get("num_attention_heads")),
-        encoder_layers=int(get("encoder_layers")),
-        encoder_ffn_dim=int(get("encoder_feedforward_dim")),
-        decoder_layers=int(get("decoder_layers")) - 1,  # transformers counts the query-only prediction
-        decoder_ffn_dim=int(get("dim_feedforward")),
-        common_stride=int(get("common_stride")),
-        pre_norm=bool(get("pre_norm")),
-        enforce_input_projection=bool(get("enforce_input_projection")),
-    )
-    return config, id2label
-
-
-# ------------------------------------------------------------------------------------------------
-# resolving and loading
+# resolving
 # ------------------------------------------------------------------------------------------------
 
 _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
-def _resolve(
-    name_or_path: str | Path, *, revision: str | None, cache_dir: str | Path | None, local_files_only: bool
+def resolve_checkpoint(
+    name_or_path: str | Path,
+    *,
+    revision: str | None = None,
+    cache_dir: str | Path | None = None,
+    local_files_only: bool = False,
 ) -> Path:
+    """The local folder of a checkpoint: ``name_or_path`` itself, or a hub id downloaded (config, weights)."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
@@ -197,9 +154,9 @@ def _resolve(
 
     kwargs = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
     try:
-        folder = Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors"], **kwargs))
+        folder = Path(snapshot_download(name, allow_patterns=["*.json", "*.txt", "*.safetensors"], **kwargs))
         if not any((folder / f).is_file() for f in WEIGHT_FILES[:2]):
-            folder = Path(snapshot_download(name, allow_patterns=["*.json", "pytorch_model*.bin"], **kwargs))
+            folder = Path(snapshot_download(name, allow_patterns=["*.json", "*.txt", "pytorch_model*.bin"], **kwargs))
     except Exception as exc:  # offline, unknown repo, gated, network errors
         raise CheckpointError(
             f"cannot download {name!r} from the Hugging Face hub ({type(exc).__name__}: {exc}); "
@@ -208,8 +165,62 @@ def _resolve(
     return folder
 
 
-def load_state_dict_strict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], *, source: str) -> None:
-    """``model.load_state_dict(state_dict)`` after checking keys and shapes; one error lists every problem."""
+def checkpoint_model_type(folder: Path) -> str:
+    """"mask2former" or "oneformer": the ``model_type`` of our config or of transformers' config.json."""
+    for name in (OUR_CONFIG, HF_CONFIG):
+        if (folder / name).is_file():
+            model_type = _read_json(folder / name).get("model_type")
+            if model_type not in MODEL_TYPES:
+                raise CheckpointError(
+                    f"{folder / name} has model_type={model_type!r}; supported: {', '.join(MODEL_TYPES)}"
+                )
+            return model_type
+    raise CheckpointError(f"{folder} has neither {HF_CONFIG} (transformers layout) nor {OUR_CONFIG} (maskformers layout)")
+
+
+# ------------------------------------------------------------------------------------------------
+# the two model types: config class, builder, transformers converters
+# ------------------------------------------------------------------------------------------------
+
+
+class _ModelType(NamedTuple):
+    config_class: type
+    build: Callable[..., nn.Module]
+    config_from_hf: Callable[..., dict[str, Any]]
+    hf_defaults: Mapping[str, Any]
+    convert_hf: Callable[..., dict[str, torch.Tensor]]
+
+
+def _model_type(name: str) -> _ModelType:
+    from weights_convert import hf_config
+
+    if name == "mask2former":
+        from weights_convert import hf_mask2former
+
+        from .models.mask2former import Mask2FormerConfig, build_mask2former
+
+        return _ModelType(Mask2FormerConfig, build_mask2former, hf_config.mask2former_config_from_hf,
+                          hf_config.MASK2FORMER_DEFAULTS, hf_mask2former.convert_state_dict)
+    if name == "oneformer":
+        from weights_convert import hf_oneformer
+
+        from .models.oneformer import OneFormerConfig, build_oneformer
+
+        return _ModelType(OneFormerConfig, build_oneformer, hf_config.oneformer_config_from_hf,
+                          hf_config.ONEFORMER_DEFAULTS, hf_oneformer.convert_state_dict)
+    raise CheckpointError(f"unsupported model_type={name!r}; supported: {', '.join(MODEL_TYPES)}")
+
+
+def _shown(keys: list[str]) -> str:
+    more = len(keys) - _PROBLEM_KEYS_SHOWN
+    return str(keys[:_PROBLEM_KEYS_SHOWN]) + (f" and {more} more" if more > 0 else "")
+
+
+def load_state_dict_strict(
+    model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, source: str, hint: str = ""
+) -> None:
+    """``model.load_state_dict(state_dict)`` after checking keys and shapes; one error summarises every
+    problem (counts, and the first keys of each kind). ``hint`` is appended to that error."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
@@ -220,111 +231,196 @@ def load_state_dict_strict(model: torch.nn.Module, state_dict: Mapping[str, torc
     ]
     problems = []
     if missing:
-        problems.append(f"{len(missing)} missing key(s): {missing}")
+        problems.append(f"{len(missing)} missing key(s): {_shown(missing)}")
     if unexpected:
-        problems.append(f"{len(unexpected)} unexpected key(s): {unexpected}")
+        problems.append(f"{len(unexpected)} unexpected key(s): {_shown(unexpected)}")
     if shapes:
-        problems.append(f"{len(shapes)} key(s) with the wrong shape: {shapes}")
+        problems.append(f"{len(shapes)} key(s) with the wrong shape: {_shown(shapes)}")
     if problems:
-        raise CheckpointError(f"weights of {source} do not fit the model: " + "; ".join(problems))
+        raise CheckpointError(f"weights of {source} do not fit the model: " + "; ".join(problems) + hint)
     model.load_state_dict(state_dict, strict=True)
 
 
-def load_mask2former(
+def _upgrade_our_state(state: dict[str, torch.Tensor], version: int) -> dict[str, torch.Tensor]:
+    if version == 1:  # Mask2Former's queries lived in the decoder
+        for name in ("query_feat", "query_embed"):
+            key = f"transformer_decoder.{name}.weight"
+            if key in state:
+                state[f"{name}.weight"] = state.pop(key)
+    return state
+
+
+def _load_folder(folder: Path, expected_type: str | None) -> nn.Module:
+    model_type = checkpoint_model_type(folder)
+    if expected_type is not None and model_type != expected_type:
+        raise CheckpointError(
+            f"{folder} holds a {model_type} checkpoint, not a {expected_type} one; use "
+            "maskformers.from_pretrained to load whichever it is"
+        )
+    api = _model_type(model_type)
+    from weights_convert import ConversionError
+
+    if (folder / OUR_CONFIG).is_file():
+        meta = _read_json(folder / OUR_CONFIG)
+        version = meta.get("format_version", 1)
+        if version not in (1, _FORMAT_VERSION):
+            raise CheckpointError(f"{folder / OUR_CONFIG} has format_version={version!r}; this maskformers reads 1-2")
+        try:
+            config = api.config_class.from_dict(meta["config"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"invalid config in {folder / OUR_CONFIG}: {exc}") from exc
+        id2label, hint = meta.get("id2label") or {}, ""
+        state, path = read_weights(folder)
+        state = _upgrade_our_state(state, version)
+    else:
+        hf = _read_json(folder / HF_CONFIG)
+        try:
+            fields = api.config_from_hf(hf, where=str(folder / HF_CONFIG))
+            config = api.config_class.from_dict(fields)
+        except (ConversionError, ValueError, TypeError) as exc:
+            raise CheckpointError(str(exc)) from exc
+        from weights_convert.hf_config import id2label_from_hf
+
+        id2label = id2label_from_hf(hf)
+        absent = sorted(k for k in api.hf_defaults if k not in hf)
+        hint = (
+            f" (note: {folder / HF_CONFIG} leaves out {absent}, which took transformers' defaults: a config "
+            "that does not describe the weights' architecture shows up as missing or mis-shaped keys)"
+            if absent else ""
+        )
+        raw, path = read_weights(folder)
+        try:
+            state = api.convert_hf(raw, backbone_type=config.backbone["name"], source=str(path))
+        except ConversionError as exc:
+            raise CheckpointError(str(exc) + hint) from exc
+    model = api.build(config, id2label=id2label)
+    load_state_dict_strict(model, state, source=str(path), hint=hint)
+    if (folder / PREPROCESSOR_CONFIG).is_file():
+        model.preprocessor_config = _read_json(folder / PREPROCESSOR_CONFIG)
+    return model
+
+
+def from_pretrained(
     name_or_path: str | Path,
     *,
+    model_type: str | None = None,
     revision: str | None = None,
     cache_dir: str | Path | None = None,
     local_files_only: bool = False,
     op_backend: str | None = None,
-) -> Mask2Former:
-    """A Mask2Former with the weights of a hub id or local folder (transformers or our layout), in eval
-    mode on the CPU. ``op_backend`` (None, "native", "reference") is applied to the whole model with
-    :func:`maskformers.ops.set_backend`."""
-    check_backend(op_backend, name="op_backend")
-    folder = _resolve(name_or_path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
-    if (folder / OUR_CONFIG).is_file():
-        meta = _read_json(folder / OUR_CONFIG)
-        if meta.get("model_type") != "mask2former":
-            raise CheckpointError(
-                f"{folder / OUR_CONFIG} describes model_type={meta.get('model_type')!r}, not 'mask2former'"
-            )
-        try:
-            config = Mask2FormerConfig.from_dict(meta["config"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"invalid config in {folder / OUR_CONFIG}: {exc}") from exc
-        id2label = meta.get("id2label") or {}
-        state, path = read_weights(folder)
-        model = build_mask2former(config, id2label=id2label)
-    elif (folder / HF_CONFIG).is_file():
-        from weights_convert import ConversionError
-        from weights_convert.hf_mask2former import convert_state_dict
+) -> nn.Module:
+    """The model (Mask2Former or OneFormer, read from the checkpoint) with the weights of a hub id or
+    local folder (transformers or our layout), in eval mode on the CPU.
 
-        config, id2label = config_from_hf(_read_json(folder / HF_CONFIG))
-        raw, path = read_weights(folder)
-        try:
-            state = convert_state_dict(raw, backbone_type=config.backbone["name"], source=str(path))
-        except ConversionError as exc:
-            raise CheckpointError(str(exc)) from exc
-        model = build_mask2former(config, id2label=id2label)
-    else:
-        raise CheckpointError(
-            f"{folder} has neither {HF_CONFIG} (transformers layout) nor {OUR_CONFIG} (maskformers layout)"
-        )
-    load_state_dict_strict(model, state, source=str(path))
+    model_type: "mask2former" / "oneformer" to insist on one (an error otherwise), None for either.
+    op_backend: None, "native" or "reference", applied with :func:`maskformers.ops.set_backend`.
+    """
+    check_backend(op_backend, name="op_backend")
+    if model_type is not None and model_type not in MODEL_TYPES:
+        raise ValueError(f"model_type must be None or one of {MODEL_TYPES}, got {model_type!r}")
+    folder = resolve_checkpoint(name_or_path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
+    model = _load_folder(folder, model_type)
     if op_backend is not None:
         set_backend(model, op_backend)
-    if (folder / PREPROCESSOR_CONFIG).is_file():
-        model.preprocessor_config = _read_json(folder / PREPROCESSOR_CONFIG)
     return model.eval()
 
 
-def save_mask2former(model: Mask2Former, folder: str | Path) -> Path:
-    """Write ``model.safetensors`` and ``maskformers_config.json`` (+ ``preprocessor_config.json`` when
-    the model carries one) into ``folder``; :func:`load_mask2former` reads them back."""
-    if model.config is None:
-        raise ValueError("the model has no Mask2FormerConfig (model.config is None); build it with build_mask2former")
+# ------------------------------------------------------------------------------------------------
+# writing
+# ------------------------------------------------------------------------------------------------
+
+
+def _write_folder(model: nn.Module, folder: Path) -> None:
     from safetensors.torch import save_file
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    config = getattr(model, "config", None)
+    if config is None or not getattr(config, "model_type", ""):
+        raise ValueError(
+            f"{type(model).__name__} has no architecture config (model.config); build it with "
+            "build_mask2former / build_oneformer"
+        )
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt", "library": "maskformers"})
     meta = {
-        "model_type": "mask2former",
+        "model_type": config.model_type,
         "format_version": _FORMAT_VERSION,
-        "config": model.config.to_dict(),
+        "config": config.to_dict(),
         "id2label": {str(k): v for k, v in sorted(model.id2label.items())},
     }
     (folder / OUR_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
-    if model.preprocessor_config is not None:
+    if getattr(model, "preprocessor_config", None) is not None:
         (folder / PREPROCESSOR_CONFIG).write_text(json.dumps(model.preprocessor_config, indent=2) + "\n")
+    for extra, content in getattr(model, "extra_files", {}).items():  # e.g. the tokenizer's vocab.json
+        (folder / extra).write_bytes(content)
+
+
+def save_pretrained(model: nn.Module, folder: str | Path) -> Path:
+    """Write ``model.safetensors`` and ``maskformers_config.json`` (+ ``preprocessor_config.json`` when the
+    model carries one) into ``folder``; :func:`from_pretrained` reads them back. The files are written
+    into a temporary folder next to ``folder`` and moved in at the end, so an interrupted save leaves
+    the previous files intact."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"cannot save into {folder}: it is a file")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        _write_folder(model, tmp)
+        folder.mkdir(exist_ok=True)
+        for item in tmp.iterdir():
+            os.replace(item, folder / item.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 
-def convert(src: str | Path, dst: str | Path, *, config: Mask2FormerConfig | None = None) -> Path:
+def _same_place(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+    except OSError:
+        return False
+
+
+def convert(src: str | Path, dst: str | Path, *, config: Any = None, force: bool = False) -> Path:
     """Convert ``src`` to our layout in folder ``dst`` (the ``maskformers convert SRC DST`` command).
 
-    src: a hub id or folder (transformers or our layout), or a detectron2 checkpoint file of the original
-    Mask2Former repository (``.pkl`` model-zoo file or ``.pth``). For detectron2 files the architecture
-    is read from the weights (8 attention heads and 4 sampling points assumed) unless ``config`` is given.
-    """
-    path = Path(src).expanduser()
-    if path.is_file():
-        from weights_convert import ConversionError
-        from weights_convert import d2_mask2former
+    src: a hub id or folder (transformers or our layout), or an original-repository checkpoint file
+    (Mask2Former ``.pkl`` model-zoo file or ``.pth``). For those files the architecture is read from the
+    weights (8 attention heads and 4 sampling points assumed) unless ``config`` is given.
 
-        try:
-            raw = d2_mask2former.load_checkpoint(path)
-            if config is None:
-                config = Mask2FormerConfig(**d2_mask2former.infer_architecture(raw))
-            state = d2_mask2former.convert_state_dict(raw, backbone_type=config.backbone["name"], source=str(path))
-        except (ConversionError, ValueError, pickle.UnpicklingError) as exc:
-            raise CheckpointError(str(exc)) from exc
-        model = build_mask2former(config)
-        load_state_dict_strict(model, state, source=str(path))
+    ``dst`` must not be ``src`` nor lie inside it, and must be missing or empty unless ``force`` (then
+    our files in it are replaced); the result is written into a temporary folder and moved at the end.
+    """
+    src_path, dst = Path(src).expanduser(), Path(dst).expanduser()
+    if src_path.exists() and (_same_place(src_path, dst) or src_path.resolve() in dst.resolve().parents):
+        raise ValueError(f"dst {str(dst)!r} is the source {str(src)!r} or inside it; choose another folder")
+    if dst.exists() and not dst.is_dir():
+        raise ValueError(f"dst {str(dst)!r} is a file, not a folder")
+    if dst.is_dir() and any(dst.iterdir()) and not force:
+        raise ValueError(f"dst {str(dst)!r} is not empty; pass force=True (--force) to replace our files in it")
+    if src_path.is_file():
+        model = _convert_original_file(src_path, config)
     else:
         if config is not None:
-            raise ValueError("config is only used for detectron2 checkpoint files; folders and hub ids carry their own")
-        model = load_mask2former(src)
-    return save_mask2former(model, dst)
+            raise ValueError("config is only used for original checkpoint files; folders and hub ids carry their own")
+        model = from_pretrained(src)
+    return save_pretrained(model, dst)
+
+
+def _convert_original_file(path: Path, config: Any) -> nn.Module:
+    import pickle
+
+    from weights_convert import ConversionError, d2_mask2former
+
+    from .models.mask2former import Mask2FormerConfig, build_mask2former
+
+    try:
+        raw = d2_mask2former.load_checkpoint(path)
+        if config is None:
+            config = Mask2FormerConfig(**d2_mask2former.infer_architecture(raw))
+        state = d2_mask2former.convert_state_dict(raw, backbone_type=config.backbone["name"], source=str(path))
+    except (ConversionError, ValueError, pickle.UnpicklingError) as exc:
+        raise CheckpointError(str(exc)) from exc
+    model = build_mask2former(config)
+    load_state_dict_strict(model, state, source=str(path))
+    return model

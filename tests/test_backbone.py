@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from maskformers.models.backbone import (
     ResNetBackbone,
     SwinBackbone,
-    backbone_from_hf_config,
+    build_backbone,
     resnet_backbone,
     shifted_window_mask,
     swin_backbone,
@@ -21,6 +21,7 @@ from maskformers.models.backbone import (
 )
 from weights_convert import ConversionError, apply_rules
 from weights_convert import d2_backbone, hf_swin
+from weights_convert.hf_config import backbone_spec_from_hf_config
 
 transformers = pytest.importorskip("transformers")
 ALL_STAGES = ["stage1", "stage2", "stage3", "stage4"]
@@ -334,6 +335,10 @@ def test_shifted_window_mask_regions():
         shifted_window_mask(15, 14, 7, 3)
 
 
+def backbone_from_hf_config(config):
+    return build_backbone(backbone_spec_from_hf_config(config))
+
+
 def test_hf_config_builder():
     swin = backbone_from_hf_config(transformers.SwinConfig(
         embed_dim=32, depths=[1, 1, 3, 1], num_heads=[1, 2, 4, 8], window_size=12, out_features=ALL_STAGES
@@ -348,12 +353,14 @@ def test_hf_config_builder():
                           ({"use_absolute_embeddings": True}, "use_absolute_embeddings"),
                           ({"layer_norm_eps": 1e-6}, "layer_norm_eps"),
                           ({"out_features": ["stage2", "stage3", "stage4"]}, "out_features")]:
-        with pytest.raises(ValueError, match=match):
+        with pytest.raises(ConversionError, match=match):
             backbone_from_hf_config(dict(base, **change))
-    with pytest.raises(ValueError, match="depths"):
+    with pytest.raises(ConversionError, match="depths"):
         backbone_from_hf_config(transformers.ResNetConfig(depths=[2, 2, 2, 2], out_features=ALL_STAGES).to_dict())
-    with pytest.raises(TypeError, match="dict"):
+    with pytest.raises(ConversionError, match="expected a dict"):
         backbone_from_hf_config("swin")
+    with pytest.raises(ConversionError, match=r"window_size='seven' must be a int"):
+        backbone_from_hf_config(dict(base, window_size="seven"))
 
 
 @pytest.mark.parametrize("make", [lambda: swin_backbone(**TINY_W7), lambda: resnet_backbone(50)],

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import os
 import pickle
 import shutil
@@ -25,7 +26,11 @@ from mask2former_helpers import (
     our_predictions,
     tiny_hf_config,
 )
-from maskformers.hub import CheckpointError, convert, load_mask2former
+from maskformers.hub import CheckpointError, convert, from_pretrained
+
+
+def load_mask2former(path, **kwargs):
+    return from_pretrained(path, model_type="mask2former", **kwargs)
 from maskformers.models.mask2former import Mask2Former, Mask2FormerConfig
 from weights_convert import ConversionError
 from weights_convert import d2_mask2former
@@ -269,14 +274,14 @@ def test_every_problem_in_one_error(hf_folder, tmp_path):
     state = load_file(tmp_path / "ours" / "model.safetensors")
     del state["pixel_decoder.level_embed"]
     state["pixel_decoder.bogus"] = torch.zeros(1)
-    state["transformer_decoder.query_feat.weight"] = torch.zeros(11, 64)
+    state["query_feat.weight"] = torch.zeros(11, 64)
     save_file(state, tmp_path / "ours" / "model.safetensors")
     with pytest.raises(CheckpointError) as info:
         load_mask2former(tmp_path / "ours")
     msg = str(info.value)
     assert "missing key(s): ['pixel_decoder.level_embed']" in msg
     assert "unexpected key(s): ['pixel_decoder.bogus']" in msg
-    assert "transformer_decoder.query_feat.weight: checkpoint (11, 64) vs model (10, 64)" in msg
+    assert "query_feat.weight: checkpoint (11, 64) vs model (10, 64)" in msg
     assert str(tmp_path / "ours" / "model.safetensors") in msg
 
 
@@ -296,8 +301,10 @@ def test_truncated_weights(hf_folder, tmp_path, name):
 def test_bin_that_needs_code_execution_is_refused(hf_folder, tmp_path):
     folder = copy_folder(hf_folder, tmp_path / "evil", skip={"model.safetensors"})
     torch.save({"w": torch.zeros(1), "obj": Mask2FormerConfig()}, folder / "pytorch_model.bin")
-    with pytest.raises(CheckpointError, match=r"weights_only=True"):
+    with pytest.raises(CheckpointError, match=r"pytorch_model.bin: refused for safety.*Mask2FormerConfig") as info:
         load_mask2former(folder)
+    assert "weights_only=False" not in str(info.value) and "safe_globals" not in str(info.value)
+    assert "truncated" not in str(info.value)
 
 
 def test_folder_without_weights_or_config(hf_folder, tmp_path):
@@ -316,7 +323,7 @@ def test_wrong_model_type(hf_folder, tmp_path):
     cfg = json.loads((folder / "config.json").read_text())
     cfg["model_type"] = "maskformer"
     (folder / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match="model_type='maskformer', expected 'mask2former'"):
+    with pytest.raises(CheckpointError, match="config.json has model_type='maskformer'; supported: mask2former, oneformer"):
         load_mask2former(folder)
 
 
@@ -337,7 +344,8 @@ _OURS_TO_D2 = [  # our names -> the original's (ResNet backbone), to write a det
     (r"pixel_decoder\.lateral_convs\.(\d)\.1\.(\w+)", lambda m: f"{_PD}adapter_{int(m[1]) + 1}.norm.{m[2]}"),
     (r"pixel_decoder\.output_convs\.(\d)\.0\.weight", lambda m: f"{_PD}layer_{int(m[1]) + 1}.weight"),
     (r"pixel_decoder\.output_convs\.(\d)\.1\.(\w+)", lambda m: f"{_PD}layer_{int(m[1]) + 1}.norm.{m[2]}"),
-    (r"transformer_decoder\.(query_feat|query_embed|level_embed)\.weight", _PR + r"\1.weight"),
+    (r"(query_feat|query_embed)\.weight", _PR + r"\1.weight"),
+    (r"transformer_decoder\.level_embed\.weight", _PR + r"level_embed.weight"),
     (_LAY + r"self_attn\.attn\.out_proj\.(\w+)", _PR + r"transformer_self_attention_layers.\1.self_attn.out_proj.\2"),
     (_LAY + r"self_attn\.norm\.(\w+)", _PR + r"transformer_self_attention_layers.\1.norm.\2"),
     (_LAY + r"cross_attn\.attn\.out_proj\.(\w+)",
@@ -400,3 +408,85 @@ def test_converted_folder_rebuilds_the_same_architecture(hf_model, hf_folder, tm
     assert from_hf.config.backbone["drop_path_rate"] == hf_model.config.backbone_config.drop_path_rate
     rates = [m.drop_prob for m in from_ours.backbone.modules() if type(m).__name__ == "DropPath"]
     assert rates and max(rates) == pytest.approx(hf_model.config.backbone_config.drop_path_rate)
+
+
+# ------------------------------------------------------------------------------------------------
+# dispatch, format versions, convert safety, config errors
+# ------------------------------------------------------------------------------------------------
+
+
+def test_package_from_pretrained_dispatches_on_model_type(hf_folder, reference_outputs):
+    import maskformers
+
+    model = maskformers.from_pretrained(hf_folder, op_backend="reference")
+    assert type(model) is Mask2Former
+    assert_matches(model, reference_outputs)
+    with pytest.raises(ValueError, match="model_type must be None or one of"):
+        maskformers.from_pretrained(hf_folder, model_type="maskformer")
+    with pytest.raises(ValueError, match="op_backend must be None, 'native' or 'reference', got 'gpu'"):
+        maskformers.from_pretrained(hf_folder, op_backend="gpu")
+
+
+def test_format_version_1_folders_still_load(hf_folder, tmp_path, reference_outputs):
+    model = load_mask2former(hf_folder)
+    model.save_pretrained(tmp_path / "v1")
+    meta = json.loads((tmp_path / "v1" / "maskformers_config.json").read_text())
+    assert meta["format_version"] == 2
+    meta["format_version"] = 1
+    (tmp_path / "v1" / "maskformers_config.json").write_text(json.dumps(meta))
+    state = load_file(tmp_path / "v1" / "model.safetensors")
+    for name in ("query_feat", "query_embed"):  # where version 1 kept them
+        state[f"transformer_decoder.{name}.weight"] = state.pop(f"{name}.weight")
+    save_file(state, tmp_path / "v1" / "model.safetensors")
+    assert_matches(load_mask2former(tmp_path / "v1", op_backend="reference"), reference_outputs)
+    meta["format_version"] = 7
+    (tmp_path / "v1" / "maskformers_config.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="format_version=7"):
+        load_mask2former(tmp_path / "v1")
+
+
+def test_convert_never_writes_over_its_source(hf_folder, tmp_path):
+    src = copy_folder(hf_folder, tmp_path / "src")
+    before = {f.name: f.read_bytes() for f in src.iterdir()}
+    for dst in (src, src / ".", src / "inside"):
+        with pytest.raises(ValueError, match="is the source .* or inside it"):
+            convert(src, dst)
+        with pytest.raises(ValueError, match="is the source .* or inside it"):
+            convert(src, dst, force=True)
+    assert {f.name: f.read_bytes() for f in src.iterdir()} == before
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="is not empty; pass force=True"):
+        convert(src, full)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is a file"):
+        convert(src, tmp_path / "file")
+    out = convert(src, full, force=True)
+    assert (out / "model.safetensors").is_file() and (out / "notes.txt").read_text() == "mine"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".full.")]  # no temporary folder left
+
+
+def test_config_missing_architecture_keys_says_which(hf_folder, tmp_path):
+    folder = copy_folder(hf_folder, tmp_path / "diff")
+    cfg = json.loads((folder / "config.json").read_text())
+    for key in ("hidden_dim", "feature_size", "mask_feature_size", "encoder_layers", "decoder_layers"):
+        del cfg[key]
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError) as info:
+        load_mask2former(folder)
+    msg = str(info.value)
+    assert "leaves out ['decoder_layers', 'encoder_layers', 'feature_size', 'hidden_dim', 'mask_feature_size']" in msg
+    assert len(msg) < 4000 and "more" in msg  # a summary, not hundreds of keys
+
+
+def test_config_value_of_the_wrong_type_names_key_and_file(hf_folder, tmp_path):
+    for key, value in (("hidden_dim", "sixty-four"), ("num_queries", -5), ("pre_norm", "yes")):
+        folder = copy_folder(hf_folder, tmp_path / key)
+        cfg = json.loads((folder / "config.json").read_text())
+        cfg[key] = value
+        (folder / "config.json").write_text(json.dumps(cfg))
+        with pytest.raises(CheckpointError, match=rf"{key}.*{value}|{re.escape(str(folder))}") as info:
+            load_mask2former(folder)
+        assert key in str(info.value) and repr(value) in str(info.value)
+        assert "config.json" in str(info.value) or "Mask2FormerConfig" in str(info.value)

@@ -19,7 +19,7 @@ from maskformers.models.mask2former import (
 )
 from maskformers.models.pixel_decoder import MSDeformAttnPixelDecoder
 from maskformers.models.transformer_decoder import MultiScaleMaskedTransformerDecoder
-from weights_convert.hf_mask2former import pixel_decoder_rules, transformer_decoder_rules
+from weights_convert.hf_mask2former import pixel_decoder_rules, query_rules, transformer_decoder_rules
 from weights_convert.rules import apply_rules
 
 hfm = pytest.importorskip("transformers.models.mask2former.modeling_mask2former")
@@ -57,12 +57,25 @@ def transformer_decoder_pair(cfg=None, seed=1):
     state = {**hf.state_dict(), **{f"class_predictor.{k}": v for k, v in cls.state_dict().items()}}
     ours = MultiScaleMaskedTransformerDecoder(
         in_channels=cfg.feature_size, hidden_dim=cfg.hidden_dim, num_classes=cfg.num_labels,
-        num_queries=cfg.num_queries, num_heads=cfg.num_attention_heads, num_layers=cfg.decoder_layers - 1,
+        num_heads=cfg.num_attention_heads, num_layers=cfg.decoder_layers - 1,
         ffn_dim=cfg.dim_feedforward, mask_dim=cfg.mask_feature_size, pre_norm=cfg.pre_norm,
         enforce_input_projection=cfg.enforce_input_projection,
     ).eval()
-    ours.load_state_dict(apply_rules(state, transformer_decoder_rules("", "")))
+    ours.queries = torch.nn.Embedding(cfg.num_queries, cfg.hidden_dim)  # content, as Mask2Former owns them
+    ours.queries_pos = torch.nn.Embedding(cfg.num_queries, cfg.hidden_dim)
+    rules = transformer_decoder_rules("", "") + query_rules("", "")
+    converted = apply_rules(state, rules)
+    ours.queries.weight.data.copy_(converted.pop("query_feat.weight"))
+    ours.queries_pos.weight.data.copy_(converted.pop("query_embed.weight"))
+    ours.load_state_dict(converted, strict=False)
+    assert set(ours.state_dict()) - set(converted) == {"queries.weight", "queries_pos.weight"}
     return hf.eval(), cls, ours
+
+
+def our_decoder_predictions(ours, multi_scale, mask_features):
+    """The decoder driven with Mask2Former's learned queries (content expanded over the batch, shared position)."""
+    queries = ours.queries.weight[None].expand(mask_features.shape[0], -1, -1)
+    return ours(multi_scale, mask_features, queries, ours.queries_pos.weight[None]).predictions
 
 
 def decoder_inputs(dtype=torch.float64, seed=0, positive_masks=False):
@@ -113,7 +126,7 @@ def test_transformer_decoder_matches_transformers_float64(pre_norm):
     ms, mask_features = decoder_inputs()
     with torch.no_grad():
         expected = hf_decoder_predictions(hf, cls, ms, mask_features)
-        got = ours(ms, mask_features)
+        got = our_decoder_predictions(ours, ms, mask_features)
     assert len(got) == len(expected) == 5
     for (gc, gm), (ec, em) in zip(got, expected):
         torch.testing.assert_close(gc, ec, **F64)
@@ -128,7 +141,7 @@ def test_transformer_decoder_with_input_projection_float32():
     ms, mask_features = decoder_inputs(torch.float32)
     with torch.no_grad():
         expected = hf_decoder_predictions(hf, cls, ms, mask_features)
-        got = ours(ms, mask_features)
+        got = our_decoder_predictions(ours, ms, mask_features)
     assert_float32_noise(expected, got)
 
 
@@ -152,7 +165,7 @@ def test_transformer_decoder_all_masked_rows_match_transformers(monkeypatch):
     ms, mask_features = decoder_inputs(positive_masks=True)
     with torch.no_grad():
         expected = hf_decoder_predictions(hf, cls, ms, mask_features)
-        got = ours(ms, mask_features)
+        got = our_decoder_predictions(ours, ms, mask_features)
     assert resets and resets[0] == 1.0  # at least the first layer saw only empty masks
     for (gc, gm), (ec, em) in zip(got, expected):
         assert torch.isfinite(gc).all()
@@ -221,11 +234,18 @@ def test_pixel_decoder_bad_arguments_and_inputs():
 
 def test_transformer_decoder_bad_inputs():
     _, _, ours = transformer_decoder_pair()
-    ms = [torch.randn(2, 64, 4, 4)] * 3
+    ms, mf = [torch.randn(2, 64, 4, 4)] * 3, torch.randn(2, 64, 16, 16)
+    q, pos = torch.randn(2, 10, 64), torch.randn(1, 10, 64)
     with pytest.raises(ValueError, match="expected 3 multi-scale features"):
-        ours(ms[:2], torch.randn(2, 64, 16, 16))
+        ours(ms[:2], mf, q, pos)
     with pytest.raises(ValueError, match=r"multi_scale_features\[1\] \(B=2"):
-        ours([ms[0], torch.randn(1, 64, 4, 4), ms[2]], torch.randn(2, 64, 16, 16))
+        ours([ms[0], torch.randn(1, 64, 4, 4), ms[2]], mf, q, pos)
+    with pytest.raises(ValueError, match=r"expected queries \(B=2, Q, 64\), got \(1, 10, 64\)"):
+        ours(ms, mf, q[:1], pos)
+    with pytest.raises(ValueError, match=r"expected query_pos \(B=2 or 1, Q=10, 64\), got \(1, 9, 64\)"):
+        ours(ms, mf, q, pos[:, :9])
+    out = ours(ms, mf, q, pos)  # any number of queries from the caller
+    assert out.hidden_states.shape == (2, 10, 64) and len(out.predictions) == len(ours.layers) + 1
 
 
 # ------------------------------------------------------------------------------------------------
@@ -247,8 +267,13 @@ def test_forward_output_fields_and_shapes():
     with torch.no_grad():
         out = model(torch.randn(2, 3, 70, 90), pixel_mask=torch.ones(2, 70, 90, dtype=torch.long))
     assert isinstance(out, Mask2FormerOutput)
-    assert [f.name for f in __import__("dataclasses").fields(out)] == ["class_logits", "mask_logits", "aux_outputs"]
+    names = [f.name for f in __import__("dataclasses").fields(out)]
+    assert names == ["class_logits", "mask_logits", "aux_outputs", "hidden_states"]
     assert out.class_logits.shape == (2, 6, 5)
+    assert out.hidden_states.shape == (2, 6, 32)
+    # the heads applied to the returned hidden states give the final prediction
+    torch.testing.assert_close(model.transformer_decoder.head.class_embed(
+        model.transformer_decoder.head.norm(out.hidden_states)), out.class_logits, rtol=0, atol=0)
     assert out.mask_logits.shape == (2, 6, 18, 23)  # ceil(70/4), ceil(90/4)
     assert len(out.aux_outputs) == 3
     for aux in out.aux_outputs:
@@ -308,3 +333,39 @@ def test_config_and_builder_errors():
         Mask2FormerConfig.from_dict({"dropout": 0.1})
     with pytest.raises(TypeError, match=r"must report \.channels"):
         build_mask2former(Mask2FormerConfig(), backbone=torch.nn.Identity())
+
+
+# ------------------------------------------------------------------------------------------------
+# export, meta device
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["reference", "native"])
+def test_torch_export_matches_eager(backend):
+    """Level shapes come from the input's shape (Python ints), never from tensor data, so export traces."""
+    model = set_backend(tiny_model(), backend)
+    x = torch.randn(1, 3, 64, 96)
+    program = torch.export.export(model, (x,))
+    with torch.no_grad():
+        expected, got = model(x), program.module()(x)
+    torch.testing.assert_close(got.class_logits, expected.class_logits, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got.mask_logits, expected.mask_logits, rtol=1e-6, atol=1e-6)
+    assert len(got.aux_outputs) == len(expected.aux_outputs)
+
+
+def test_build_and_forward_on_meta_device():
+    with torch.device("meta"):
+        model = tiny_model()
+    assert all(p.device.type == "meta" for p in model.parameters())
+    out = model(torch.empty(2, 3, 70, 90, device="meta"))
+    assert out.mask_logits.device.type == "meta" and out.mask_logits.shape == (2, 6, 18, 23)
+    from maskformers.models import materialize
+
+    real_model = tiny_model()
+    materialize(model, "cpu")  # deferred initialisation: real storage and recomputed buffers, then weights
+    model.load_state_dict(real_model.state_dict())
+    for name, buffer in real_model.named_buffers():  # the non-persistent ones too (Swin's position index)
+        assert torch.equal(buffer, model.get_buffer(name)), name
+    with torch.no_grad():
+        real = model(torch.randn(1, 3, 70, 90))
+    assert real.mask_logits.shape == (1, 6, 18, 23) and torch.isfinite(real.mask_logits).all()

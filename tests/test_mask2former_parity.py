@@ -71,7 +71,7 @@ def test_swin_tiny_coco_panoptic(swin_tiny_checkpoint, backend):
         pytest.skip(no_native_toolchain())
     hf, folder = swin_tiny_checkpoint
     ours = Mask2Former.from_pretrained(folder, op_backend=backend)
-    assert ours.num_classes == 133 and ours.transformer_decoder.num_queries == 100
+    assert ours.num_classes == 133 and ours.num_queries == 100
     check(hf, ours, torch.randn(2, 3, 100, 140, generator=torch.Generator().manual_seed(3)))
 
 

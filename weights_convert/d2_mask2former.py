@@ -17,18 +17,14 @@ files with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
-import codecs
-import collections
-import io
-import pickle
 import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
+from .checkpoint_io import UnsafePickleError, load_d2_checkpoint
 from .d2_backbone import detect_d2_backbone, resnet_rules, swin_rules
 from .rules import ConversionError, Rule, apply_rules
 
@@ -38,69 +34,9 @@ PIXEL_DECODER = "sem_seg_head.pixel_decoder."
 PREDICTOR = "sem_seg_head.predictor."
 
 
-class UnsafePickleError(pickle.UnpicklingError):
-    """A ``.pkl`` checkpoint references a Python object outside the numpy-array allow list."""
-
-
-def _numpy_reconstructors() -> dict[tuple[str, str], Any]:
-    reconstruct = np.zeros(1).__reduce__()[0]  # multiarray._reconstruct, wherever this numpy keeps it
-    scalar = np.float32(1).__reduce__()[0]  # multiarray.scalar
-    frombuffer = np.zeros(1).__reduce_ex__(5)[0]  # numeric._frombuffer (protocol 5)
-    allowed: dict[tuple[str, str], Any] = {
-        ("numpy", "ndarray"): np.ndarray,
-        ("numpy", "dtype"): np.dtype,
-        ("_codecs", "encode"): codecs.encode,
-        ("collections", "OrderedDict"): collections.OrderedDict,
-        ("builtins", "dict"): dict,
-    }
-    for core in ("numpy.core", "numpy._core"):
-        allowed[(f"{core}.multiarray", "_reconstruct")] = reconstruct
-        allowed[(f"{core}.multiarray", "scalar")] = scalar
-        allowed[(f"{core}.numeric", "_frombuffer")] = frombuffer
-    return allowed
-
-
-class _ArrayUnpickler(pickle.Unpickler):
-    _allowed = _numpy_reconstructors()
-
-    def find_class(self, module: str, name: str) -> Any:
-        try:
-            return self._allowed[(module, name)]
-        except KeyError:
-            raise UnsafePickleError(
-                f"refusing to load {module}.{name}: a detectron2 checkpoint only needs numpy arrays and dicts"
-            ) from None
-
-
-def _to_tensor(key: str, value: Any) -> torch.Tensor:
-    if isinstance(value, torch.Tensor):
-        return value
-    if isinstance(value, np.ndarray):
-        return torch.from_numpy(np.ascontiguousarray(value))
-    raise ConversionError(f"checkpoint entry {key!r} is a {type(value).__name__}, not an array")
-
-
 def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
-    """The model state dict of a detectron2 checkpoint file (``{"model": {...}, ...}`` or a bare dict)."""
-    path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise ValueError(f"cannot read checkpoint {path}: {exc}") from exc
-    try:
-        if raw[:2] == b"PK" or path.suffix != ".pkl":  # torch zip (or legacy torch) format
-            data = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
-        else:
-            data = _ArrayUnpickler(io.BytesIO(raw), encoding="latin1").load()
-    except UnsafePickleError as exc:
-        raise UnsafePickleError(f"{path}: {exc}") from exc
-    except Exception as exc:  # truncated or corrupt files, pickles torch refuses
-        raise ValueError(f"cannot read checkpoint {path} (truncated, corrupt or not a checkpoint?): {exc}") from exc
-    if isinstance(data, Mapping) and isinstance(data.get("model"), Mapping):
-        data = data["model"]
-    if not isinstance(data, Mapping):
-        raise ValueError(f"{path} holds a {type(data).__name__}, expected a dict of arrays (optionally under 'model')")
-    return {str(k): _to_tensor(str(k), v) for k, v in data.items()}
+    """The model state dict of an original checkpoint file (see :func:`weights_convert.checkpoint_io.load_d2_checkpoint`)."""
+    return load_d2_checkpoint(path)
 
 
 def pixel_decoder_rules(src: str = PIXEL_DECODER, dst: str = "pixel_decoder.") -> list[Rule]:
@@ -131,7 +67,8 @@ def predictor_rules(src: str = PREDICTOR, dst: str = "transformer_decoder.") -> 
 
     sa, ca, ffn = (rf"{s}transformer_{n}_layers\.(\d+)\." for n in ("self_attention", "cross_attention", "ffn"))
     return [
-        Rule(rf"{s}(query_feat|query_embed|level_embed)\.weight", rf"{d}\1.weight"),
+        Rule(rf"{s}(query_feat|query_embed)\.weight", r"\1.weight"),  # the model's learned queries
+        Rule(rf"{s}level_embed\.weight", rf"{d}level_embed.weight"),
         Rule(rf"{s}input_proj\.(\d+)\.(weight|bias)", rf"{d}input_projs.\1.\2"),
         Rule(sa + r"self_attn\.in_proj_(weight|bias)", None, split=qkv(rf"{d}layers.\1.self_attn.attn.")),
         Rule(sa + r"self_attn\.out_proj\.(weight|bias)", rf"{d}layers.\1.self_attn.attn.out_proj.\2"),

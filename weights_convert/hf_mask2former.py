@@ -16,7 +16,7 @@ import torch
 
 from .rules import Rule, apply_rules
 
-__all__ = ["pixel_decoder_rules", "transformer_decoder_rules", "rules", "convert_state_dict"]
+__all__ = ["pixel_decoder_rules", "transformer_decoder_rules", "query_rules", "rules", "convert_state_dict"]
 
 HF_BACKBONE = "model.pixel_level_module.encoder."
 HF_PIXEL_DECODER = "model.pixel_level_module.decoder."
@@ -53,8 +53,6 @@ def transformer_decoder_rules(
     s, d = re.escape(src), dst
     lay = rf"{s}decoder\.layers\.(\d+)\."
     return [
-        Rule(rf"{s}queries_embedder\.weight", f"{d}query_embed.weight"),
-        Rule(rf"{s}queries_features\.weight", f"{d}query_feat.weight"),
         Rule(rf"{s}level_embed\.weight", f"{d}level_embed.weight"),
         Rule(rf"{s}input_projections\.(\d+)\.(weight|bias)", rf"{d}input_projs.\1.\2"),
         Rule(lay + r"self_attn\.(q_proj|k_proj|v_proj|out_proj)\.(weight|bias)", rf"{d}layers.\1.self_attn.attn.\2.\3"),
@@ -77,6 +75,16 @@ def transformer_decoder_rules(
     ]
 
 
+def query_rules(src: str = HF_TRANSFORMER, dst: str = "") -> list[Rule]:
+    """Mask2Former's learned queries: ``queries_features`` (content) and ``queries_embedder`` (position)
+    -> :class:`maskformers.models.Mask2Former` ``query_feat`` / ``query_embed``."""
+    s = re.escape(src)
+    return [
+        Rule(rf"{s}queries_embedder\.weight", f"{dst}query_embed.weight"),
+        Rule(rf"{s}queries_features\.weight", f"{dst}query_feat.weight"),
+    ]
+
+
 def _backbone_rules(backbone_type: str) -> list[Rule]:
     if backbone_type != "swin":
         raise ValueError(
@@ -93,6 +101,7 @@ def rules(backbone_type: str = "swin") -> list[Rule]:
         *_backbone_rules(backbone_type),
         *pixel_decoder_rules(),
         *transformer_decoder_rules(),
+        *query_rules(),
         Rule(r"criterion\.empty_weight", None),  # loss buffer (class weights), not part of the model
     ]
 

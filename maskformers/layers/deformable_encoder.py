@@ -67,14 +67,14 @@ class DeformableEncoderLayer(nn.Module):
         x: torch.Tensor,
         pos: torch.Tensor,
         reference_points: torch.Tensor,
-        spatial_shapes: torch.Tensor,
-        level_start_index: torch.Tensor,
+        shapes: Sequence[tuple[int, int]],
         padding_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x (B, S, C); pos (B or 1, S, C); reference_points (B or 1, S, L, 2). Returns (B, S, C)."""
+        """x (B, S, C); pos (B or 1, S, C); reference_points (B or 1, S, L, 2); shapes: (h, w) of every
+        level as Python ints. Returns (B, S, C)."""
         # The residual sums and the ReLU write into freshly made tensors (same values as out-of-place,
         # autograd-safe): at 1/8-resolution sequence lengths, new allocations cost more than the math.
-        y = self.self_attn(x + pos, reference_points, x, spatial_shapes, level_start_index, padding_mask)
+        y = self.self_attn(x + pos, reference_points, x, shapes, None, padding_mask)
         x = self.norm1(self.dropout(y).add_(x))
         h = F.relu(self.linear1(x), inplace=True)
         y = self.linear2(self.dropout(h))
@@ -113,17 +113,18 @@ class DeformableEncoder(nn.Module):
         self,
         x: torch.Tensor,
         pos: torch.Tensor,
-        spatial_shapes: torch.Tensor,
-        level_start_index: torch.Tensor,
+        shapes: Sequence[tuple[int, int]],
         padding_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x (B, S, C) flattened levels; pos (B or 1, S, C); spatial_shapes (L, 2) rows (h, w) on the
-        CPU; level_start_index (L,). Returns (B, S, C)."""
-        shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+        """x (B, S, C) flattened levels; pos (B or 1, S, C); shapes: (h, w) of every level as Python ints
+        (static, so the model exports and traces without reading tensor data). Returns (B, S, C)."""
+        shapes = [(int(h), int(w)) for h, w in shapes]
         if len(shapes) != self.num_levels:
-            raise ValueError(f"expected spatial_shapes for {self.num_levels} levels, got {shapes}")
+            raise ValueError(f"expected shapes of {self.num_levels} levels, got {shapes}")
+        if sum(h * w for h, w in shapes) != x.shape[1]:
+            raise ValueError(f"shapes {shapes} cover {sum(h * w for h, w in shapes)} positions, x has S={x.shape[1]}")
         ref = grid_reference_points(shapes, dtype=coord_dtype(x.dtype), device=x.device)
         ref = ref[None, :, None, :].expand(1, ref.shape[0], self.num_levels, 2)  # (1, S, L, 2)
         for layer in self.layers:
-            x = layer(x, pos, ref, spatial_shapes, level_start_index, padding_mask)
+            x = layer(x, pos, ref, shapes, padding_mask)
         return x

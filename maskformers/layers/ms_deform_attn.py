@@ -11,7 +11,9 @@ pixel of a large map; only the value projection and the op's value input follow 
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +23,17 @@ from ..ops import ms_deform_attn
 from ..ops.validation import coord_dtype
 
 __all__ = ["MSDeformAttn"]
+
+
+def _autocast_on(device_type: str) -> bool:
+    # devices without autocast (meta, for shape inference and deferred init) are never under it
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
+def _no_autocast(device_type: str) -> contextlib.AbstractContextManager:
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class MSDeformAttn(nn.Module):
@@ -83,11 +96,11 @@ class MSDeformAttn(nn.Module):
     def _offsets_and_weights(self, query: torch.Tensor, cdt: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw offsets (B, Q, H*L*P*2) and softmax weights (B, Q, H, L*P), both in ``cdt``."""
         B, Q, _ = query.shape
-        if query.dtype == cdt and not torch.is_autocast_enabled(query.device.type):
+        if query.dtype == cdt and not _autocast_on(query.device.type):
             offsets = self.sampling_offsets(query)
             logits = self.attention_weights(query)
         else:
-            with torch.autocast(query.device.type, enabled=False):
+            with _no_autocast(query.device.type):
                 q = query.to(cdt)
                 offsets = F.linear(q, self.sampling_offsets.weight.to(cdt), self.sampling_offsets.bias.to(cdt))
                 logits = F.linear(q, self.attention_weights.weight.to(cdt), self.attention_weights.bias.to(cdt))
@@ -102,15 +115,16 @@ class MSDeformAttn(nn.Module):
         query: torch.Tensor,
         reference_points: torch.Tensor,
         value: torch.Tensor,
-        spatial_shapes: torch.Tensor,
-        level_start_index: torch.Tensor,
+        spatial_shapes: torch.Tensor | Sequence[tuple[int, int]],
+        level_start_index: torch.Tensor | None,
         value_padding_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Attend from ``query`` to the flattened multi-scale ``value``.
 
         query (B, Q, C) (position embedding already added); reference_points (B or 1, Q, L, 2)
         normalized (x, y) in [0, 1]; value (B, S, C), the L maps flattened and concatenated;
-        spatial_shapes (L, 2) int64 rows (h, w), ideally on the CPU; level_start_index (L,);
+        spatial_shapes (L, 2) int64 rows (h, w), ideally on the CPU, or a list of (h, w) Python ints
+        (then level_start_index is None; this keeps the layer exportable); level_start_index (L,);
         value_padding_mask (B, S) bool, True where value is padding (zeroed), or None.
         Returns (B, Q, C).
         """
@@ -131,8 +145,13 @@ class MSDeformAttn(nn.Module):
                 f"expected reference_points (B or 1, Q, L, 2) = (({B} or 1), {Q}, {L}, 2), "
                 f"got {tuple(reference_points.shape)}"
             )
-        if spatial_shapes.shape != (L, 2):
-            raise ValueError(f"expected spatial_shapes ({L}, 2) for num_levels={L}, got {tuple(spatial_shapes.shape)}")
+        if isinstance(spatial_shapes, torch.Tensor):
+            if spatial_shapes.shape != (L, 2):
+                raise ValueError(
+                    f"expected spatial_shapes ({L}, 2) for num_levels={L}, got {tuple(spatial_shapes.shape)}"
+                )
+        elif len(spatial_shapes) != L:
+            raise ValueError(f"expected spatial_shapes of {L} levels for num_levels={L}, got {list(spatial_shapes)}")
 
         v = self.value_proj(value)
         if value_padding_mask is not None:
@@ -146,10 +165,13 @@ class MSDeformAttn(nn.Module):
 
         cdt = coord_dtype(v.dtype)
         offsets, weights = self._offsets_and_weights(query, cdt)
-        with torch.autocast(query.device.type, enabled=False):
+        with _no_autocast(query.device.type):
             # offsets are in pixels of each level, x first: divide by (w, h), laid out as the offsets'
             # trailing (H, L, P, 2) dims so the division streams without inner-dim broadcasting
-            normalizer = spatial_shapes.flip(-1).to(device=query.device, dtype=cdt)  # (L, 2) rows (w, h)
+            if isinstance(spatial_shapes, torch.Tensor):
+                normalizer = spatial_shapes.flip(-1).to(device=query.device, dtype=cdt)  # (L, 2) rows (w, h)
+            else:
+                normalizer = torch.tensor([[w, h] for h, w in spatial_shapes], dtype=cdt, device=query.device)
             normalizer = normalizer[None, :, None, :].expand(H, L, P, 2).contiguous()
             ref = reference_points.to(cdt)[:, :, None, :, None, :]  # (B or 1, Q, 1, L, 1, 2)
             locations = (offsets.view(B, Q, H, L, P, 2) / normalizer).add_(ref)  # (B, Q, H, L, P, 2)

@@ -17,17 +17,23 @@ __all__ = ["MaskClassificationHead", "masked_attention_mask"]
 
 
 class MaskClassificationHead(nn.Module):
-    """Parameters: ``norm`` (LayerNorm C), ``class_embed`` (C -> num_classes + 1), ``mask_embed``
-    (MLP C -> C -> C -> mask_dim, 3 layers)."""
+    """Parameters: ``norm`` (LayerNorm C unless another module is passed as ``norm``), ``class_embed``
+    (C -> num_classes + 1), ``mask_embed`` (MLP C -> C -> C -> mask_dim, 3 layers)."""
 
     def __init__(
-        self, *, hidden_dim: int = 256, num_classes: int, mask_dim: int = 256, mask_mlp_layers: int = 3
+        self,
+        *,
+        hidden_dim: int = 256,
+        num_classes: int,
+        mask_dim: int = 256,
+        mask_mlp_layers: int = 3,
+        norm: nn.Module | None = None,
     ) -> None:
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.num_classes = num_classes
-        self.norm = nn.LayerNorm(hidden_dim)
+        self.norm = nn.LayerNorm(hidden_dim) if norm is None else norm
         self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
         self.mask_embed = MLP(
             input_dim=hidden_dim, hidden_dim=hidden_dim, output_dim=mask_dim, num_layers=mask_mlp_layers

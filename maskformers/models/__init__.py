@@ -1,48 +1,44 @@
-"""Model building blocks: backbones, pixel decoders, transformer decoders and the composed models."""
+"""Model building blocks: backbones, pixel decoders, transformer decoders and the composed models.
 
-from maskformers.models.backbone import (
-    ResNetBackbone,
-    SwinBackbone,
-    backbone_from_hf_config,
-    backbone_spec_from_hf_config,
-    build_backbone,
-    resnet_backbone,
-    swin_backbone,
-)
+Names are imported on first use (the backbones import timm)."""
 
-__all__ = [
-    "ResNetBackbone",
-    "SwinBackbone",
-    "backbone_from_hf_config",
-    "backbone_spec_from_hf_config",
-    "build_backbone",
-    "resnet_backbone",
-    "swin_backbone",
-]
+from __future__ import annotations
 
-from maskformers.models.mask2former import (  # noqa: E402
-    DATASETS,
-    Mask2Former,
-    Mask2FormerConfig,
-    Mask2FormerOutput,
-    build_mask2former,
-    mask2former_config,
-)
-from maskformers.models.pixel_decoder import MSDeformAttnPixelDecoder, PixelDecoderOutput  # noqa: E402
-from maskformers.models.transformer_decoder import (  # noqa: E402
-    MaskedAttentionDecoderLayer,
-    MultiScaleMaskedTransformerDecoder,
-)
+from typing import TYPE_CHECKING
 
-__all__ += [
-    "DATASETS",
-    "Mask2Former",
-    "Mask2FormerConfig",
-    "Mask2FormerOutput",
-    "MSDeformAttnPixelDecoder",
-    "MaskedAttentionDecoderLayer",
-    "MultiScaleMaskedTransformerDecoder",
-    "PixelDecoderOutput",
-    "build_mask2former",
-    "mask2former_config",
-]
+from .._lazy import lazy_exports
+
+_EXPORTS = {
+    "ResNetBackbone": ".backbone",
+    "SwinBackbone": ".backbone",
+    "build_backbone": ".backbone",
+    "resnet_backbone": ".backbone",
+    "swin_backbone": ".backbone",
+    "MaskFormerConfig": ".config",
+    "Mask2FormerConfig": ".config",
+    "OneFormerConfig": ".config",
+    "build_pixel_decoder": ".builders",
+    "build_transformer_decoder": ".builders",
+    "materialize": ".builders",
+    "DATASETS": ".mask2former",
+    "Mask2Former": ".mask2former",
+    "Mask2FormerOutput": ".mask2former",
+    "build_mask2former": ".mask2former",
+    "mask2former_config": ".mask2former",
+    "MSDeformAttnPixelDecoder": ".pixel_decoder",
+    "PixelDecoderOutput": ".pixel_decoder",
+    "DecoderOutput": ".transformer_decoder",
+    "MaskedAttentionDecoderLayer": ".transformer_decoder",
+    "MultiScaleMaskedTransformerDecoder": ".transformer_decoder",
+}
+
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)
+
+if TYPE_CHECKING:
+    from .backbone import ResNetBackbone, SwinBackbone, build_backbone, resnet_backbone, swin_backbone
+    from .builders import build_pixel_decoder, build_transformer_decoder, materialize
+    from .config import Mask2FormerConfig, MaskFormerConfig, OneFormerConfig
+    from .mask2former import DATASETS, Mask2Former, Mask2FormerOutput, build_mask2former, mask2former_config
+    from .pixel_decoder import MSDeformAttnPixelDecoder, PixelDecoderOutput
+    from .transformer_decoder import DecoderOutput, MaskedAttentionDecoderLayer, MultiScaleMaskedTransformerDecoder

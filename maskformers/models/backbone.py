@@ -153,7 +153,11 @@ class SwinBackbone(nn.Module):
             img_size=None, patch_size=4, in_chans=in_chans, embed_dim=embed_dim, norm_layer=nn.LayerNorm,
             output_fmt="NHWC", strict_img_size=False, dynamic_img_pad=True,
         )
-        rates = torch.linspace(0, drop_path_rate, sum(depths)).split(depths)
+        # stochastic depth grows linearly over all blocks (torch.linspace's values, computed in Python so that
+        # the model can be built on the meta device)
+        n = sum(depths)
+        flat = [drop_path_rate * i / (n - 1) if n > 1 else 0.0 for i in range(n)]
+        rates = [flat[sum(depths[:i]): sum(depths[: i + 1])] for i in range(len(depths))]
         # always_partition and dynamic_mask make timm's blocks keep the full window and shift and build no
         # size-specific mask buffer, so input_resolution is never used; the forward below drives them.
         self.layers = nn.Sequential(*[
@@ -161,7 +165,7 @@ class SwinBackbone(nn.Module):
                 dim=dims[max(i - 1, 0)], out_dim=dims[i], input_resolution=(window_size, window_size),
                 depth=depths[i], downsample=i > 0, num_heads=num_heads[i], window_size=window_size,
                 always_partition=True, dynamic_mask=True, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
-                proj_drop=proj_drop_rate, attn_drop=attn_drop_rate, drop_path=rates[i].tolist(),
+                proj_drop=proj_drop_rate, attn_drop=attn_drop_rate, drop_path=rates[i],
                 norm_layer=nn.LayerNorm,
             )
             for i in range(len(depths))
@@ -292,74 +296,6 @@ def timm_backbone_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.M
     return out
 
 
-def _require(config: Mapping[str, Any], key: str, expected: Any, default: Any) -> None:
-    value = config.get(key, default)
-    if value != expected:
-        raise ValueError(f"unsupported backbone_config {key}={value!r} (only {expected!r} is supported)")
-
-
-def _require_all_stages(config: Mapping[str, Any], num_stages: int) -> None:
-    names = [f"stage{i}" for i in range(1, num_stages + 1)]
-    out_features = config.get("out_features")
-    out_indices = config.get("out_indices")
-    if out_features is not None:
-        every_stage = list(out_features) == names
-    else:
-        every_stage = list(out_indices or []) == list(range(1, num_stages + 1))
-    if not every_stage:
-        raise ValueError(f"unsupported backbone_config out_features={out_features!r} / out_indices={out_indices!r}:"
-                         f" every stage {names} must be an output")
-
-
-def backbone_spec_from_hf_config(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The backbone spec (see :func:`build_backbone`) a transformers ``config.json["backbone_config"]``
-    dict describes.
-
-    Supports ``model_type`` "swin" (as in every Mask2Former/OneFormer Swin checkpoint) and "resnet"
-    (bottleneck, torchvision layout). Missing keys take transformers' defaults; options this module
-    cannot reproduce (absolute position embeddings, other activations or eps, hidden dropout, a subset
-    of stages) raise ``ValueError``. The spec holds plain JSON values, so it can be saved in a config.
-    """
-    if not isinstance(config, Mapping):
-        raise TypeError(f"expected backbone_config as a dict, got {type(config).__name__}")
-    model_type = config.get("model_type")
-    if model_type == "swin":
-        depths = [int(d) for d in config.get("depths", [2, 2, 6, 2])]
-        for key, expected, default in [
-            ("patch_size", 4, 4), ("use_absolute_embeddings", False, False), ("hidden_act", "gelu", "gelu"),
-            ("layer_norm_eps", 1e-5, 1e-5), ("hidden_dropout_prob", 0.0, 0.0),
-        ]:
-            _require(config, key, expected, default)
-        _require_all_stages(config, len(depths))
-        return {
-            "name": "swin",
-            "embed_dim": int(config.get("embed_dim", 96)),
-            "depths": depths,
-            "num_heads": [int(h) for h in config.get("num_heads", [3, 6, 12, 24])],
-            "window_size": int(config.get("window_size", 7)),
-            "mlp_ratio": float(config.get("mlp_ratio", 4.0)),
-            "qkv_bias": bool(config.get("qkv_bias", True)),
-            "drop_path_rate": float(config.get("drop_path_rate", 0.1)),
-            "attn_drop_rate": float(config.get("attention_probs_dropout_prob", 0.0)),
-            "in_chans": int(config.get("num_channels", 3)),
-        }
-    if model_type == "resnet":
-        depths = tuple(config.get("depths", [3, 4, 6, 3]))
-        depth = {layers: d for d, layers in _RESNET_LAYERS.items()}.get(depths)
-        if depth is None:
-            raise ValueError(f"unsupported resnet depths={list(depths)}; supported: "
-                             f"{[list(v) for v in _RESNET_LAYERS.values()]}")
-        for key, expected, default in [
-            ("layer_type", "bottleneck", "bottleneck"), ("embedding_size", 64, 64), ("hidden_act", "relu", "relu"),
-            ("hidden_sizes", [256, 512, 1024, 2048], [256, 512, 1024, 2048]),
-            ("downsample_in_first_stage", False, False), ("downsample_in_bottleneck", False, False),
-        ]:
-            _require(config, key, expected, default)
-        _require_all_stages(config, 4)
-        return {"name": "resnet", "depth": depth, "in_chans": int(config.get("num_channels", 3))}
-    raise ValueError(f"unsupported backbone_config model_type={model_type!r}; supported: 'swin', 'resnet'")
-
-
 def build_backbone(spec: Mapping[str, Any]) -> nn.Module:
     """Backbone from a spec ``{"name": "swin" | "resnet", **kwargs of swin_backbone / resnet_backbone}``."""
     kwargs = dict(spec)
@@ -369,9 +305,3 @@ def build_backbone(spec: Mapping[str, Any]) -> nn.Module:
     if name == "resnet":
         return resnet_backbone(**kwargs)
     raise ValueError(f"unknown backbone name {name!r} in spec {dict(spec)}; expected 'swin' or 'resnet'")
-
-
-def backbone_from_hf_config(config: Mapping[str, Any]) -> nn.Module:
-    """Build the backbone a transformers ``backbone_config`` dict describes (see
-    :func:`backbone_spec_from_hf_config`)."""
-    return build_backbone(backbone_spec_from_hf_config(config))

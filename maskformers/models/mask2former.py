@@ -8,9 +8,8 @@ dataset)`` gives the configs of the published variants. Checkpoints load with
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,8 @@ import torch
 from torch import nn
 
 from .backbone import build_backbone
+from .builders import build_pixel_decoder, build_transformer_decoder, check_backbone
+from .config import SWIN_SPECS, Mask2FormerConfig
 from .pixel_decoder import MSDeformAttnPixelDecoder
 from .transformer_decoder import MultiScaleMaskedTransformerDecoder
 
@@ -31,16 +32,6 @@ __all__ = [
     "DATASETS",
 ]
 
-# backbone specs: {"name": ..., **kwargs of the builder}
-SWIN_SPECS: dict[str, dict[str, Any]] = {
-    size: {"name": "swin", "embed_dim": dim, "depths": depths, "num_heads": heads, "window_size": window}
-    for size, dim, depths, heads, window in (
-        ("swin-tiny", 96, [2, 2, 6, 2], [3, 6, 12, 24], 7),
-        ("swin-small", 96, [2, 2, 18, 2], [3, 6, 12, 24], 7),
-        ("swin-base", 128, [2, 2, 18, 2], [4, 8, 16, 32], 12),
-        ("swin-large", 192, [2, 2, 18, 2], [6, 12, 24, 48], 12),
-    )
-}
 # dataset -> (number of classes, queries of the Swin-L model; every other backbone uses 100)
 DATASETS: dict[str, tuple[int, int]] = {
     "coco-panoptic": (133, 200),
@@ -56,52 +47,20 @@ DATASETS: dict[str, tuple[int, int]] = {
 
 
 @dataclass
-class Mask2FormerConfig:
-    """Architecture of a Mask2Former (no loss or training settings).
-
-    backbone: ``{"name": "swin" | "resnet", **builder kwargs}`` (see :func:`build_backbone`).
-    decoder_layers counts real layers (transformers' ``decoder_layers`` is this + 1); the model makes
-    ``decoder_layers + 1`` predictions. conv_dim is the pixel decoder width (transformers' ``feature_size``).
-    """
-
-    backbone: dict[str, Any] = field(default_factory=lambda: dict(SWIN_SPECS["swin-tiny"]))
-    num_classes: int = 133
-    num_queries: int = 100
-    hidden_dim: int = 256
-    conv_dim: int = 256
-    mask_dim: int = 256
-    num_heads: int = 8
-    encoder_layers: int = 6
-    encoder_ffn_dim: int = 1024
-    encoder_points: int = 4
-    num_feature_levels: int = 3
-    common_stride: int = 4
-    decoder_layers: int = 9
-    decoder_ffn_dim: int = 2048
-    pre_norm: bool = False
-    enforce_input_projection: bool = False
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Mask2FormerConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"unknown Mask2FormerConfig field(s) {unknown}; known: {sorted(names)}")
-        return cls(**dict(data))
-
-
-@dataclass
 class Mask2FormerOutput:
     """class_logits (B, Q, K+1), last class is "no object"; mask_logits (B, Q, H/4, W/4);
     aux_outputs: the earlier predictions (from the learned queries, then after each layer but the
-    last) as ``{"class_logits": ..., "mask_logits": ...}`` dicts, oldest first."""
+    last) as ``{"class_logits": ..., "mask_logits": ...}`` dicts, oldest first; hidden_states
+    (B, Q, C): the decoder's last-layer queries (before the heads' norm)."""
 
     class_logits: torch.Tensor
     mask_logits: torch.Tensor
     aux_outputs: list[dict[str, torch.Tensor]]
+    hidden_states: torch.Tensor
+
+
+# a pytree node, so that torch.export / torch.compile can return it
+torch.export.register_dataclass(Mask2FormerOutput)
 
 
 class Mask2Former(nn.Module):
@@ -109,6 +68,9 @@ class Mask2Former(nn.Module):
 
     backbone: returns a list of (B, C_i, H_i, W_i) maps ordered by increasing stride; pixel_decoder and
     transformer_decoder as in :mod:`maskformers.models`. ``id2label`` maps class index -> name.
+
+    Parameters of its own: ``query_feat`` (content) and ``query_embed`` (position), Embedding Q x C:
+    the learned initial queries given to the decoder.
     """
 
     def __init__(
@@ -117,13 +79,19 @@ class Mask2Former(nn.Module):
         backbone: nn.Module,
         pixel_decoder: MSDeformAttnPixelDecoder,
         transformer_decoder: MultiScaleMaskedTransformerDecoder,
+        num_queries: int = 100,
         config: Mask2FormerConfig | None = None,
         id2label: Mapping[int, str] | None = None,
     ) -> None:
         super().__init__()
+        if num_queries < 1:
+            raise ValueError(f"num_queries must be >= 1, got {num_queries}")
         self.backbone = backbone
         self.pixel_decoder = pixel_decoder
         self.transformer_decoder = transformer_decoder
+        hidden_dim = transformer_decoder.hidden_dim
+        self.query_feat = nn.Embedding(num_queries, hidden_dim)
+        self.query_embed = nn.Embedding(num_queries, hidden_dim)
         self.config = config
         self.id2label = {int(k): str(v) for k, v in (id2label or {}).items()}
         self.preprocessor_config: dict[str, Any] | None = None
@@ -131,6 +99,10 @@ class Mask2Former(nn.Module):
     @property
     def num_classes(self) -> int:
         return self.transformer_decoder.head.num_classes
+
+    @property
+    def num_queries(self) -> int:
+        return self.query_feat.num_embeddings
 
     def forward(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None = None) -> Mask2FormerOutput:
         """pixel_values (B, 3, H, W), normalized.
@@ -148,25 +120,30 @@ class Mask2Former(nn.Module):
                 raise ValueError(f"expected pixel_mask (B, H, W) = {(B, H, W)}, got {tuple(pixel_mask.shape)}")
         features = self.backbone(pixel_values)
         mask_features, multi_scale = self.pixel_decoder(features)
-        predictions = self.transformer_decoder(multi_scale, mask_features)
+        queries = self.query_feat.weight[None].expand(pixel_values.shape[0], -1, -1)  # (B, Q, C)
+        predictions, hidden_states = self.transformer_decoder(
+            multi_scale, mask_features, queries, self.query_embed.weight[None]
+        )
         aux = [{"class_logits": c, "mask_logits": m} for c, m in predictions[:-1]]
         class_logits, mask_logits = predictions[-1]
-        return Mask2FormerOutput(class_logits=class_logits, mask_logits=mask_logits, aux_outputs=aux)
+        return Mask2FormerOutput(
+            class_logits=class_logits, mask_logits=mask_logits, aux_outputs=aux, hidden_states=hidden_states
+        )
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, **kwargs: Any) -> Mask2Former:
-        """Load a checkpoint: a hub id (``facebook/mask2former-swin-tiny-coco-panoptic``), a local folder
-        in transformers' layout, or a folder written by :meth:`save_pretrained`. See
-        :func:`maskformers.hub.load_mask2former` for the keyword arguments."""
-        from ..hub import load_mask2former
+        """Load a Mask2Former checkpoint: a hub id (``facebook/mask2former-swin-tiny-coco-panoptic``), a
+        local folder in transformers' layout, or a folder written by :meth:`save_pretrained`. See
+        :func:`maskformers.hub.from_pretrained` for the keyword arguments."""
+        from ..hub import from_pretrained
 
-        return load_mask2former(name_or_path, **kwargs)
+        return from_pretrained(name_or_path, model_type="mask2former", **kwargs)
 
     def save_pretrained(self, folder: str | Path) -> Path:
         """Write ``model.safetensors`` (our parameter names) and ``maskformers_config.json``."""
-        from ..hub import save_mask2former
+        from ..hub import save_pretrained
 
-        return save_mask2former(self, folder)
+        return save_pretrained(self, folder)
 
 
 def build_mask2former(
@@ -177,39 +154,12 @@ def build_mask2former(
 ) -> Mask2Former:
     """A randomly initialised Mask2Former for ``config`` (backbone built from ``config.backbone``
     unless given; it must report ``channels`` and ``strides``)."""
-    backbone = build_backbone(config.backbone) if backbone is None else backbone
-    for attr in ("channels", "strides"):
-        if not hasattr(backbone, attr):
-            raise TypeError(f"the backbone must report .{attr} (tuple per output), {type(backbone).__name__} does not")
-    pixel_decoder = MSDeformAttnPixelDecoder(
-        in_channels=backbone.channels,
-        in_strides=backbone.strides,
-        conv_dim=config.conv_dim,
-        mask_dim=config.mask_dim,
-        num_heads=config.num_heads,
-        num_layers=config.encoder_layers,
-        ffn_dim=config.encoder_ffn_dim,
-        num_points=config.encoder_points,
-        num_levels=config.num_feature_levels,
-        common_stride=config.common_stride,
-    )
-    transformer_decoder = MultiScaleMaskedTransformerDecoder(
-        in_channels=config.conv_dim,
-        hidden_dim=config.hidden_dim,
-        num_classes=config.num_classes,
-        num_queries=config.num_queries,
-        num_heads=config.num_heads,
-        num_layers=config.decoder_layers,
-        ffn_dim=config.decoder_ffn_dim,
-        mask_dim=config.mask_dim,
-        num_levels=config.num_feature_levels,
-        pre_norm=config.pre_norm,
-        enforce_input_projection=config.enforce_input_projection,
-    )
+    backbone = check_backbone(build_backbone(config.backbone) if backbone is None else backbone)
     return Mask2Former(
         backbone=backbone,
-        pixel_decoder=pixel_decoder,
-        transformer_decoder=transformer_decoder,
+        pixel_decoder=build_pixel_decoder(config, backbone),
+        transformer_decoder=build_transformer_decoder(config),
+        num_queries=config.num_queries,
         config=config,
         id2label=id2label,
     )

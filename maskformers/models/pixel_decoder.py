@@ -155,13 +155,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
             poss.append(pos + self.level_embed[lvl])
         src = torch.cat(srcs, dim=1)  # (B, S, C)
         pos = torch.cat(poss, dim=0)[None]  # (1, S, C)
-        spatial_shapes = torch.tensor(shapes, dtype=torch.int64)
-        starts = [0]
-        for h, w in shapes[:-1]:
-            starts.append(starts[-1] + h * w)
-        level_start_index = torch.tensor(starts, dtype=torch.int64)
-
-        memory = self.encoder(src, pos, spatial_shapes, level_start_index)  # (B, S, C)
+        memory = self.encoder(src, pos, shapes)  # (B, S, C)
         outs = [
             m.view(B, h, w, self.conv_dim).permute(0, 3, 1, 2)  # (B, C, h, w), channels-last strides
             for m, (h, w) in zip(memory.split([h * w for h, w in shapes], dim=1), shapes)

@@ -1,7 +1,7 @@
 """Mask2Former's masked-attention transformer decoder with its prediction heads.
 
-Learned queries (content ``query_feat`` + positional ``query_embed``) are refined by ``num_layers``
-layers, each: masked cross-attention to one level of the pixel decoder's multi-scale features
+Initial queries (content + positional embedding, given by the model) are refined by ``num_layers`` layers,
+each: masked cross-attention to one level of the pixel decoder's multi-scale features
 (levels cycle coarsest first: 1/32, 1/16, 1/8, 1/32, ...) -> self-attention -> FFN. Before the first
 layer and after every layer the heads predict class logits and mask logits; each mask, resized to the
 next layer's level, restricts that layer's cross-attention to the query's predicted foreground.
@@ -10,6 +10,7 @@ next layer's level, restricts that layer's cross-attention to the query's predic
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -18,7 +19,7 @@ from ..layers.position_encoding import SinePositionEmbedding
 from ..layers.prediction_heads import MaskClassificationHead, masked_attention_mask
 from ..layers.transformer_blocks import CrossAttentionBlock, FeedForwardBlock, SelfAttentionBlock
 
-__all__ = ["MaskedAttentionDecoderLayer", "MultiScaleMaskedTransformerDecoder"]
+__all__ = ["DecoderOutput", "MaskedAttentionDecoderLayer", "MultiScaleMaskedTransformerDecoder"]
 
 
 class MaskedAttentionDecoderLayer(nn.Module):
@@ -55,13 +56,22 @@ class MaskedAttentionDecoderLayer(nn.Module):
         return self.ffn(x)
 
 
-class MultiScaleMaskedTransformerDecoder(nn.Module):
-    """Masked-attention decoder + heads.
+class DecoderOutput(NamedTuple):
+    """predictions: ``num_layers + 1`` (class logits (B, Q, K+1), mask logits (B, Q, H, W)), the first
+    from the initial queries; hidden_states (B, Q, C): the last layer's output (before the head's norm)."""
 
-    Parameters: ``query_feat`` / ``query_embed`` (Embedding Q x C), ``level_embed`` (Embedding L x C),
-    ``input_projs.{l}`` (1x1 Conv2d when in_channels != hidden_dim or enforce_input_projection, else
-    Identity), ``layers.{i}`` (:class:`MaskedAttentionDecoderLayer`), ``head``
-    (:class:`MaskClassificationHead`).
+    predictions: list[tuple[torch.Tensor, torch.Tensor]]
+    hidden_states: torch.Tensor
+
+
+class MultiScaleMaskedTransformerDecoder(nn.Module):
+    """Masked-attention decoder + heads. The initial queries come from the caller: Mask2Former passes
+    learned embeddings, OneFormer the output of its task-conditioned query transformer.
+
+    Parameters: ``level_embed`` (Embedding L x C), ``input_projs.{l}`` (1x1 Conv2d when in_channels !=
+    hidden_dim or enforce_input_projection, else Identity), ``layers.{i}``
+    (:class:`MaskedAttentionDecoderLayer`), ``head`` (:class:`MaskClassificationHead`, whose ``norm``
+    may be passed in as ``head_norm``).
     """
 
     def __init__(
@@ -70,7 +80,6 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         in_channels: int = 256,
         hidden_dim: int = 256,
         num_classes: int,
-        num_queries: int = 100,
         num_heads: int = 8,
         num_layers: int = 9,
         ffn_dim: int = 2048,
@@ -79,41 +88,45 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         pre_norm: bool = False,
         enforce_input_projection: bool = False,
         dropout: float = 0.0,
+        head_norm: nn.Module | None = None,
     ) -> None:
         super().__init__()
         if hidden_dim % 2:
             raise ValueError(f"hidden_dim must be even (sine position embedding), got {hidden_dim}")
+        if num_levels < 1:
+            raise ValueError(f"num_levels must be >= 1, got {num_levels}")
         self.hidden_dim = hidden_dim
-        self.num_queries = num_queries
         self.num_levels = num_levels
         self.num_heads = num_heads
         self.position_embedding = SinePositionEmbedding(num_pos_feats=hidden_dim // 2, normalize=True)
-        self.query_feat = nn.Embedding(num_queries, hidden_dim)
-        self.query_embed = nn.Embedding(num_queries, hidden_dim)
         self.level_embed = nn.Embedding(num_levels, hidden_dim)
         project = in_channels != hidden_dim or enforce_input_projection
         self.input_projs = nn.ModuleList(
             nn.Conv2d(in_channels, hidden_dim, 1) if project else nn.Identity() for _ in range(num_levels)
         )
+        for proj in self.input_projs:
+            if isinstance(proj, nn.Conv2d):  # the original's c2_xavier_fill: Kaiming-uniform (a=1), zero bias
+                nn.init.kaiming_uniform_(proj.weight, a=1)
+                nn.init.zeros_(proj.bias)
         self.layers = nn.ModuleList(
             MaskedAttentionDecoderLayer(
                 embed_dim=hidden_dim, num_heads=num_heads, ffn_dim=ffn_dim, dropout=dropout, pre_norm=pre_norm
             )
             for _ in range(num_layers)
         )
-        self.head = MaskClassificationHead(hidden_dim=hidden_dim, num_classes=num_classes, mask_dim=mask_dim)
+        self.head = MaskClassificationHead(
+            hidden_dim=hidden_dim, num_classes=num_classes, mask_dim=mask_dim, norm=head_norm
+        )
 
-    def forward(
-        self, multi_scale_features: Sequence[torch.Tensor], mask_features: torch.Tensor
-    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """multi_scale_features: ``num_levels`` maps (B, C_in, h_l, w_l), coarsest first;
-        mask_features (B, mask_dim, H, W). Returns ``num_layers + 1`` predictions
-        (class logits (B, Q, K+1), mask logits (B, Q, H, W)), the first from the learned queries alone."""
+    def memory(
+        self, multi_scale_features: Sequence[torch.Tensor]
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[tuple[int, int]]]:
+        """Keys (memory + position), values (memory) as (B, h*w, C), and (h, w) of every level."""
         if len(multi_scale_features) != self.num_levels:
             raise ValueError(
                 f"expected {self.num_levels} multi-scale features (coarsest first), got {len(multi_scale_features)}"
             )
-        B = mask_features.shape[0]
+        B = multi_scale_features[0].shape[0]
         keys, values, sizes = [], [], []
         for lvl, x in enumerate(multi_scale_features):
             if x.dim() != 4 or x.shape[0] != B:
@@ -125,9 +138,28 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             keys.append(src + pos)
             values.append(src)
             sizes.append((h, w))
+        return keys, values, sizes
 
-        query_pos = self.query_embed.weight[None]  # (1, Q, C)
-        x = self.query_feat.weight[None].expand(B, -1, -1)  # (B, Q, C)
+    def forward(
+        self,
+        multi_scale_features: Sequence[torch.Tensor],
+        mask_features: torch.Tensor,
+        queries: torch.Tensor,
+        query_pos: torch.Tensor,
+    ) -> DecoderOutput:
+        """multi_scale_features: ``num_levels`` maps (B, C_in, h_l, w_l), coarsest first; mask_features
+        (B, mask_dim, H, W); queries (B, Q, C) initial content; query_pos (B or 1, Q, C) positional
+        embedding added to queries at every attention. Returns :class:`DecoderOutput`."""
+        B = mask_features.shape[0]
+        if queries.dim() != 3 or queries.shape[0] != B or queries.shape[-1] != self.hidden_dim:
+            raise ValueError(f"expected queries (B={B}, Q, {self.hidden_dim}), got {tuple(queries.shape)}")
+        Q = queries.shape[1]
+        if query_pos.dim() != 3 or query_pos.shape[0] not in (1, B) or tuple(query_pos.shape[1:]) != (Q, self.hidden_dim):
+            raise ValueError(
+                f"expected query_pos (B={B} or 1, Q={Q}, {self.hidden_dim}), got {tuple(query_pos.shape)}"
+            )
+        keys, values, sizes = self.memory(multi_scale_features)
+        x = queries
         class_logits, mask_logits = self.head(x, mask_features)
         predictions = [(class_logits, mask_logits)]
         for i, layer in enumerate(self.layers):
@@ -136,4 +168,4 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             x = layer(x, keys[lvl], values[lvl], query_pos=query_pos, attn_mask=attn_mask)
             class_logits, mask_logits = self.head(x, mask_features)
             predictions.append((class_logits, mask_logits))
-        return predictions
+        return DecoderOutput(predictions, x)

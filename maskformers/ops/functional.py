@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Sequence
 
 import torch
 
 from .backend import BACKENDS, check_backend, default_backend
 from .reference import ms_deform_attn_reference
-from .validation import check_inputs, check_level_values, coord_dtype
+from .validation import check_inputs, check_level_shapes, check_level_values, coord_dtype
 
 __all__ = ["ms_deform_attn", "resolve_backend", "BACKENDS", "STRICT_ENV"]
 
@@ -102,7 +103,6 @@ _native_forward.register_autograd(_backward, setup_context=_setup_context)
 _warned_fallback: set[str] = set()
 
 
-@torch.compiler.assume_constant_result
 def _native_reason(device_type: str) -> str:
     """Empty string when the native kernel for ``device_type`` loads, else why it does not."""
     from . import build  # imported here so that `python -m maskformers.ops.build` runs it only once
@@ -112,6 +112,12 @@ def _native_reason(device_type: str) -> str:
     except build.NativeOpUnavailable as exc:
         return str(exc)
     return ""
+
+
+# What torch.compiler.assume_constant_result(_native_reason) does (torch.compile treats the result as a
+# constant instead of tracing the build); set by hand because that decorator imports torch._dynamo,
+# which would add ~2 s to `import maskformers.ops`. tests/test_ms_deform_attn.py checks both agree.
+_native_reason._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def resolve_backend(backend: str | None, device: torch.device) -> str:
@@ -127,6 +133,8 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
         backend = default_backend()
     if backend == "reference":
         return backend
+    if device.type == "meta":  # shapes only: the custom op's fake implementation answers, no kernel runs
+        return "native"
     reason = _native_reason(device.type)
     if not reason:
         return "native"
@@ -151,8 +159,8 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
 
 def ms_deform_attn(
     value: torch.Tensor,
-    spatial_shapes: torch.Tensor,
-    level_start_index: torch.Tensor,
+    spatial_shapes: torch.Tensor | Sequence[tuple[int, int]],
+    level_start_index: torch.Tensor | None,
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
     *,
@@ -160,19 +168,33 @@ def ms_deform_attn(
 ) -> torch.Tensor:
     """Multi-scale deformable attention (Deformable-DETR convention).
 
-    value (B, S, H, D) with S = sum of h*w over levels; spatial_shapes (L, 2) int64 rows (h, w);
-    level_start_index (L,) int64; sampling_locations (B, Q, H, L, P, 2) normalized (x, y) in [0, 1]
-    (outside is allowed and reads zeros, as grid_sample with align_corners=False and zero padding);
-    attention_weights (B, Q, H, L, P). Returns (B, Q, H*D) in value's dtype.
+    value (B, S, H, D) with S = sum of h*w over levels; spatial_shapes (L, 2) int64 rows (h, w), or a
+    list of (h, w) Python ints; level_start_index (L,) int64, or None with a list (derived from it);
+    sampling_locations (B, Q, H, L, P, 2) normalized (x, y) in [0, 1] (outside is allowed and reads
+    zeros, as grid_sample with align_corners=False and zero padding); attention_weights (B, Q, H, L, P).
+    Returns (B, Q, H*D) in value's dtype. Level sizes as Python ints are checked without reading any
+    tensor, which keeps the call traceable by ``torch.export``.
 
     backend: None (native kernel when available for the tensors' device, else the reference with a
     warning), "native" or "reference". The native kernels accumulate in float32 (float64 for float64
     inputs) and keep sampling coordinates in float32 for 16-bit values.
     """
+    if not isinstance(spatial_shapes, torch.Tensor):
+        if level_start_index is not None:
+            raise ValueError("pass level_start_index=None with spatial_shapes as a list (it is derived from the sizes)")
+        shapes = check_level_shapes(spatial_shapes, value.shape[1] if value.dim() == 4 else -1)
+        starts = [0]
+        for h, w in shapes[:-1]:
+            starts.append(starts[-1] + h * w)
+        spatial_shapes = torch.tensor(shapes, dtype=torch.int64)
+        level_start_index = torch.tensor(starts, dtype=torch.int64)
+    else:
+        shapes = None
     check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     if resolve_backend(backend, value.device) == "reference":
         return ms_deform_attn_reference(
-            value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+            value, shapes if shapes is not None else spatial_shapes,
+            None if shapes is not None else level_start_index, sampling_locations, attention_weights,
         )
     cdt = coord_dtype(value.dtype)
     return _native_forward(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["SUPPORTED_VALUE_DTYPES", "check_inputs", "check_level_values", "coord_dtype"]
+__all__ = ["SUPPORTED_VALUE_DTYPES", "check_inputs", "check_level_shapes", "check_level_values", "coord_dtype"]
 
 SUPPORTED_VALUE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -114,3 +114,21 @@ def check_level_values(
             f"level_start_index {starts} is inconsistent with spatial_shapes {shapes}: expected {expected_starts}"
         )
     return shapes
+
+
+def check_level_shapes(shapes: object, num_values: int) -> list[tuple[int, int]]:
+    """Level sizes given as Python ints, ``[(h, w), ...]``: checked without reading any tensor (so the
+    caller stays traceable by torch.export); returns them as a list of int pairs."""
+    try:
+        pairs = [(int(h), int(w)) for h, w in shapes]  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        raise TypeError(f"spatial_shapes must be an (L, 2) int64 tensor or a list of (h, w) pairs, got {shapes!r}") from None
+    if not pairs:
+        raise ValueError("spatial_shapes must have at least one level, got []")
+    for level, (h, w) in enumerate(pairs):
+        if h < 1 or w < 1:
+            raise ValueError(f"spatial_shapes[{level}] = ({h}, {w}): every level needs h >= 1 and w >= 1")
+    total = sum(h * w for h, w in pairs)
+    if total != num_values:
+        raise ValueError(f"spatial_shapes {pairs} cover sum(h*w) = {total} positions but value has S = {num_values}")
+    return pairs
