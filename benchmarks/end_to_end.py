@@ -1,16 +1,21 @@
-"""End-to-end Mask2Former forward: maskformers vs transformers with the same weights, side by side.
+"""End-to-end forward: maskformers vs transformers with the same weights, side by side.
 
-A random-init transformers `Mask2FormerForUniversalSegmentation` with the swin-tiny COCO-panoptic
-architecture (133 classes, 100 queries) is written with `save_pretrained` and loaded by both libraries,
-so both run the very same weights (the hub checkpoints cannot be downloaded here; speed does not depend
-on the values). For each image size both models run alternately in this process (median of repeats);
-the table gives the ratio, the max difference of each library's class/mask logits to transformers'
-float32 output on the same image, and peak memory (each model in a fresh child process: resident memory
-added during one forward, see peak_memory.py).
+Models: Mask2Former with the swin-tiny COCO-panoptic architecture (133 classes, 100 queries) and OneFormer
+with the swin-tiny ADE20K architecture (150 classes, 150 queries, task "panoptic"). A random-init
+transformers model is written with `save_pretrained` and loaded by both libraries, so both run the very
+same weights (the hub checkpoints cannot be downloaded here; speed does not depend on the values). For
+each image size both models run alternately in this process (median of repeats); the table gives the
+ratio, the max difference of each library's class/mask logits to transformers' float32 output on the
+same image, and peak memory (each model in a fresh child process: resident memory added during one
+forward, see peak_memory.py).
 
-    python benchmarks/end_to_end.py                 # 384 and 640, float32 and bfloat16
-    python benchmarks/end_to_end.py --quick         # 640, float32
-    python benchmarks/end_to_end.py --profile 640   # where the time goes, per library
+Precisions: "float32"; "bfloat16" (both models cast to bfloat16); "autocast" (float32 weights under
+torch.autocast("cpu", bfloat16), transformers' best CPU mode for OneFormer).
+
+    python benchmarks/end_to_end.py                          # both models, their default sizes and precisions
+    python benchmarks/end_to_end.py --model oneformer        # 512x512 and 512x683
+    python benchmarks/end_to_end.py --quick                  # Mask2Former 640 and OneFormer 512x683, float32
+    python benchmarks/end_to_end.py --profile 640            # where the time goes, per library
 """
 
 from __future__ import annotations
@@ -32,63 +37,79 @@ from peak_memory import PeakRSS
 
 os.environ.setdefault("MASKFORMERS_STRICT_OPS", "1")
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# precision -> (dtype of the weights and inputs, autocast to bfloat16)
+PRECISIONS = {"float32": (torch.float32, False), "bfloat16": (torch.bfloat16, False), "autocast": (torch.float32, True)}
+# model -> (default image sizes, default precisions, quick size)
+MODELS = {
+    "mask2former": ([(384, 384), (640, 640)], ["float32", "bfloat16"], (640, 640)),
+    "oneformer": ([(512, 512), (512, 683)], ["float32", "bfloat16", "autocast"], (512, 683)),
+}
+# "the task is panoptic": CLIP start, the, task, is, panoptic, end; 0-padded to 77 (OneFormer's processor)
+PANOPTIC_TASK = [49406, 518, 2246, 533, 26765, 49407] + [0] * 71
 
 
-def swin_tiny_coco_panoptic_config():
-    from transformers import Mask2FormerConfig, SwinConfig
+def hf_config(kind: str):
+    from transformers import Mask2FormerConfig, OneFormerConfig, SwinConfig
 
     backbone = SwinConfig(
         embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], window_size=7, drop_path_rate=0.3,
         out_features=["stage1", "stage2", "stage3", "stage4"],
     )
-    return Mask2FormerConfig(backbone_config=backbone, num_labels=133, num_queries=100)
+    if kind == "mask2former":
+        return Mask2FormerConfig(backbone_config=backbone, num_labels=133, num_queries=100)
+    return OneFormerConfig(backbone_config=backbone, num_labels=150, num_queries=150)
 
 
-def write_checkpoint(folder: Path, seed: int = 0) -> None:
-    from transformers import Mask2FormerForUniversalSegmentation
+def hf_class(kind: str):
+    import transformers
 
+    return getattr(transformers, {"mask2former": "Mask2Former", "oneformer": "OneFormer"}[kind] + "ForUniversalSegmentation")
+
+
+def write_checkpoint(kind: str, folder: Path, seed: int = 0) -> None:
     torch.manual_seed(seed)
-    model = Mask2FormerForUniversalSegmentation(swin_tiny_coco_panoptic_config()).eval()
+    model = hf_class(kind)(hf_config(kind)).eval()
     with torch.no_grad():  # give the zero-initialised parameters values, as a trained model has
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
     model.save_pretrained(folder)
 
 
-def load(library: str, folder: Path, dtype: torch.dtype):
+def load(library: str, kind: str, folder: Path, precision: str):
     if library == "transformers":
-        from transformers import Mask2FormerForUniversalSegmentation
-
-        model = Mask2FormerForUniversalSegmentation.from_pretrained(folder)
+        model = hf_class(kind).from_pretrained(folder)
     else:
-        from maskformers import Mask2Former
+        import maskformers
 
-        model = Mask2Former.from_pretrained(folder)
-    return model.to(dtype).eval()
+        model = maskformers.from_pretrained(folder)
+    return model.to(PRECISIONS[precision][0]).eval()
 
 
-def forward(library: str, model, pixel_values: torch.Tensor):
-    with torch.inference_mode():
-        out = model(pixel_values)
+def forward(library: str, kind: str, model, pixel_values: torch.Tensor, precision: str = "float32"):
+    extra = ()
+    if kind == "oneformer":
+        extra = (torch.tensor([PANOPTIC_TASK] * pixel_values.shape[0]),)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=PRECISIONS[precision][1]):
+        out = model(pixel_values, *extra)
     if library == "transformers":
         return out.class_queries_logits, out.masks_queries_logits
     return out.class_logits, out.mask_logits
 
 
-def peak_in_this_process(library: str, folder: str, image: int, dtype_name: str) -> float:
-    model = load(library, Path(folder), DTYPES[dtype_name])
-    forward(library, model, torch.randn(1, 3, 64, 64, dtype=DTYPES[dtype_name]))  # lazy init, kernel load
-    x = torch.randn(1, 3, image, image, dtype=DTYPES[dtype_name])
+def peak_in_this_process(library: str, kind: str, folder: str, height: int, width: int, precision: str) -> float:
+    model = load(library, kind, Path(folder), precision)
+    dtype = PRECISIONS[precision][0]
+    forward(library, kind, model, torch.randn(1, 3, 64, 64, dtype=dtype), precision)  # lazy init, kernel load
+    x = torch.randn(1, 3, height, width, dtype=dtype)
     with PeakRSS() as peak:
-        forward(library, model, x)
+        forward(library, kind, model, x, precision)
     return peak.mb
 
 
-def measure_peak_child(library: str, folder: Path, image: int, dtype_name: str) -> float:
+def measure_peak_child(library: str, kind: str, folder: Path, size: tuple[int, int], precision: str) -> float:
     code = (
-        "import sys; sys.path.insert(0, %r); import end_to_end as e; "
-        "print(e.peak_in_this_process(%r, %r, %d, %r))" % (str(Path(__file__).parent), library, str(folder), image, dtype_name)
+        "import sys; sys.path.insert(0, %r); import end_to_end as e; print(e.peak_in_this_process(%r, %r, %r, %d, %d, %r))"
+        % (str(Path(__file__).parent), library, kind, str(folder), size[0], size[1], precision)
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if proc.returncode != 0:
@@ -96,80 +117,98 @@ def measure_peak_child(library: str, folder: Path, image: int, dtype_name: str) 
     return float(proc.stdout.strip().splitlines()[-1])
 
 
-def profile(models: dict, image: int, dtype: torch.dtype, rows: int = 30) -> None:
+def profile(kind: str, models: dict, size: tuple[int, int], rows: int = 30) -> None:
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
-    x = torch.randn(1, 3, image, image, dtype=dtype)
+    x = torch.randn(1, 3, *size)
     for library, model in models.items():
-        forward(library, model, x)
+        forward(library, kind, model, x)
         with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
-            forward(library, model, x)
-        print(f"\n### {library}, {image}x{image}, {dtype}\n")
+            forward(library, kind, model, x)
+        print(f"\n### {library} {kind}, {size[0]}x{size[1]}, float32\n")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="640x640 float32 only, fewer repeats")
-    parser.add_argument("--images", type=int, nargs="+", default=[384, 640])
-    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=list(DTYPES))
-    parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--no-memory", action="store_true")
-    parser.add_argument("--profile", type=int, default=None, metavar="IMAGE", help="profile both at this size and exit")
-    parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.images, args.dtypes = [640], ["float32"]
-    repeats = args.repeats or (3 if args.quick else 7)
+def parse_size(text: str) -> tuple[int, int]:
+    h, _, w = text.partition("x")
+    return int(h), int(w or h)
 
+
+def run_model(kind: str, sizes, precisions, repeats: int, memory: bool, rows: list) -> None:
     libraries = ("transformers", "maskformers")
-    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        write_checkpoint(folder)
-        if args.profile:
-            profile({lib: load(lib, folder, torch.float32) for lib in libraries}, args.profile, torch.float32)
-            return 0
-        # every row is compared with transformers' float32 output on the same image (in bfloat16,
-        # transformers' own CPU output is NaN, see README)
-        inputs = {image: torch.randn(1, 3, image, image, generator=torch.Generator().manual_seed(image))
-                  for image in args.images}
-        truth_model = load("transformers", folder, torch.float32)
-        truths = {image: forward("transformers", truth_model, x) for image, x in inputs.items()}
+        write_checkpoint(kind, folder)
+        # every row is compared with transformers' float32 output on the same image
+        inputs = {size: torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(size[0] * 7 + size[1]))
+                  for size in sizes}
+        truth_model = load("transformers", kind, folder, "float32")
+        truths = {size: forward("transformers", kind, truth_model, x) for size, x in inputs.items()}
         del truth_model
-        for dtype_name in args.dtypes:
-            dtype = DTYPES[dtype_name]
-            models = {lib: load(lib, folder, dtype) for lib in libraries}
-            for image in args.images:
-                x = inputs[image].to(dtype)
-                outs = {lib: forward(lib, models[lib], x) for lib in libraries}  # warm-up and outputs
+        for precision in precisions:
+            models = {lib: load(lib, kind, folder, precision) for lib in libraries}
+            for size in sizes:
+                x = inputs[size].to(PRECISIONS[precision][0])
+                outs = {lib: forward(lib, kind, models[lib], x, precision) for lib in libraries}  # warm-up
                 times = {lib: [] for lib in libraries}
                 for _ in range(repeats):
                     for lib in libraries:
                         t0 = time.perf_counter()
-                        forward(lib, models[lib], x)
+                        forward(lib, kind, models[lib], x, precision)
                         times[lib].append(time.perf_counter() - t0)
                 ms = {lib: statistics.median(t) * 1e3 for lib, t in times.items()}
                 row = {
-                    "image": image, "dtype": dtype_name,
+                    "model": kind, "image": f"{size[0]}x{size[1]}", "precision": precision,
                     "transformers_ms": ms["transformers"], "maskformers_ms": ms["maskformers"],
                     "speedup": ms["transformers"] / ms["maskformers"],
                 }
                 for lib in libraries:  # max |difference| to transformers float32, class and mask logits
-                    for name, got, want in zip(("class", "mask"), outs[lib], truths[image]):
+                    for name, got, want in zip(("class", "mask"), outs[lib], truths[size]):
                         row[f"{lib}_max_diff_{name}"] = (got.float() - want).abs().max().item()
-                if not args.no_memory:
+                if memory:
                     for lib in libraries:
-                        row[f"{lib}_peak_mb"] = measure_peak_child(lib, folder, image, dtype_name)
+                        row[f"{lib}_peak_mb"] = measure_peak_child(lib, kind, folder, size, precision)
                 rows.append(row)
-                print_row(row, header=len(rows) == 1, memory=not args.no_memory)
+                print_row(row, header=len(rows) == 1, memory=memory)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=["mask2former", "oneformer", "all"], default="all")
+    parser.add_argument("--quick", action="store_true", help="one size per model, float32, fewer repeats")
+    parser.add_argument("--images", type=parse_size, nargs="+", default=None, metavar="HxW",
+                        help="image sizes (default: per model)")
+    parser.add_argument("--precisions", nargs="+", default=None, choices=list(PRECISIONS))
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--profile", type=parse_size, default=None, metavar="HxW",
+                        help="profile both libraries at this size (float32) and exit")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    repeats = args.repeats or (3 if args.quick else 7)
+    kinds = list(MODELS) if args.model == "all" else [args.model]
+
+    if args.profile:
+        for kind in kinds:
+            with tempfile.TemporaryDirectory() as tmp:
+                write_checkpoint(kind, Path(tmp))
+                models = {lib: load(lib, kind, Path(tmp), "float32") for lib in ("transformers", "maskformers")}
+                profile(kind, models, args.profile)
+        return 0
+    rows: list[dict] = []
+    for kind in kinds:
+        sizes, precisions, quick_size = MODELS[kind]
+        if args.quick:
+            sizes, precisions = [quick_size], ["float32"]
+        run_model(kind, args.images or sizes, args.precisions or precisions, repeats, not args.no_memory, rows)
 
     import transformers
 
     meta = {
         "torch": torch.__version__, "transformers": transformers.__version__, "cpu_model": cpu_model(),
         "threads": torch.get_num_threads(), "python": platform.python_version(), "repeats": repeats,
-        "config": "swin-tiny coco-panoptic (133 classes, 100 queries), batch 1, CPU",
+        "config": "Mask2Former swin-tiny coco-panoptic (133 classes, 100 queries); OneFormer swin-tiny ade20k "
+                  "(150 classes, 150 queries, task panoptic); batch 1, CPU",
     }
     out = args.out or Path(__file__).parent / "results" / f"end_to_end{'-quick' if args.quick else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -181,15 +220,16 @@ def main(argv=None) -> int:
 
 def print_row(row, header: bool, memory: bool) -> None:
     if header:
-        cols = ("| image | dtype | transformers ms | maskformers ms | speedup | "
+        cols = ("| model | image | precision | transformers ms | maskformers ms | speedup | "
                 "max diff class / mask: transformers | maskformers |")
-        sep = "|---|---|---|---|---|---|---|"
+        sep = "|---|---|---|---|---|---|---|---|"
         if memory:
             cols += " transformers peak MB | maskformers peak MB |"
             sep += "---|---|"
         print(cols)
         print(sep)
-    line = (f"| {row['image']} | {row['dtype']} | {row['transformers_ms']:.0f} | {row['maskformers_ms']:.0f} | "
+    line = (f"| {row['model']} | {row['image']} | {row['precision']} | {row['transformers_ms']:.0f} | "
+            f"{row['maskformers_ms']:.0f} | "
             f"{row['speedup']:.2f}x | {row['transformers_max_diff_class']:.1e} / {row['transformers_max_diff_mask']:.1e} | "
             f"{row['maskformers_max_diff_class']:.1e} / {row['maskformers_max_diff_mask']:.1e} |")
     if memory:
