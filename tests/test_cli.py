@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -166,3 +167,140 @@ def test_info_runs(capsys):  # the report itself is tested in test_ops_build.py
     text = capsys.readouterr().out
     lines = {line.split(":")[0].strip(): line for line in text.splitlines() if line.startswith("  ")}
     assert lines["cpu"].startswith("  cpu: available")  # CI machines have a compiler and ninja
+
+
+# ----------------------------------------------------------------------------- arguments checked first
+def _one_line_error(capsys, *needles):
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+def test_bad_out_folder_is_refused_before_loading(checkpoint, images, tmp_path, capsys, monkeypatch):
+    import maskformers.hub
+
+    monkeypatch.setattr(maskformers.hub, "from_pretrained", lambda *a, **k: pytest.fail("loaded a model"))
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    for out, needle in ((a_file, "is a file"), (a_file / "sub", "which is a file")):
+        code = main(["segment", str(images["rgb"]), "--model", str(checkpoint), "--out", str(out)])
+        assert code == 2
+        _one_line_error(capsys, "--out", str(out), needle)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == locked else real_access(p, mode))
+    assert main(["segment", str(images["rgb"]), "--model", str(checkpoint), "--out", str(locked / "o")]) == 2
+    _one_line_error(capsys, "--out", "permission denied")
+
+
+@pytest.mark.parametrize("device, needle", [("gpu0", "is not a torch device"), ("cuda:99", "CUDA")])
+def test_bad_device_is_refused_before_loading(checkpoint, images, tmp_path, capsys, device, needle):
+    code = main(["segment", str(images["rgb"]), "--model", str(checkpoint), "--out", str(tmp_path), "--device", device])
+    assert code == 2
+    _one_line_error(capsys, f"--device {device!r}", needle)
+
+
+@pytest.mark.parametrize("value", ["-1", "2", "nan", "inf", "high"])
+def test_threshold_out_of_range(checkpoint, images, tmp_path, capsys, value):
+    with pytest.raises(SystemExit) as info:
+        main(["segment", str(images["rgb"]), "--model", str(checkpoint), "--out", str(tmp_path), "--threshold", value])
+    assert info.value.code == 2
+    assert f"--threshold must be a number in [0, 1], got {value!r}" in capsys.readouterr().err
+
+
+def test_option_that_does_not_apply_is_named(checkpoint, images, tmp_path, capsys):
+    code = main(["segment", str(images["rgb"]), "--model", str(checkpoint), "--task", "semantic", "--threshold", "0.3",
+                 "--mask-threshold", "0.4", "--out", str(tmp_path / "o"), "--quiet"])
+    assert code == 0
+    err = capsys.readouterr().err
+    assert "--threshold does not apply to --task semantic" in err and "--mask-threshold does not apply" in err
+
+
+def test_bad_checkpoint_configs_are_one_line_exit_2(checkpoint, images, tmp_path, capsys):
+    import shutil
+
+    for name, edit in (("queries", {"num_queries": -5}), ("hidden", {"hidden_dim": "sixty-four"})):
+        folder = tmp_path / name
+        shutil.copytree(checkpoint, folder)
+        config = json.loads((folder / "config.json").read_text())
+        config.update(edit)
+        (folder / "config.json").write_text(json.dumps(config))
+        code = main(["segment", str(images["rgb"]), "--model", str(folder), "--out", str(tmp_path / "o"), "--quiet"])
+        assert code == 2
+        key, value = next(iter(edit.items()))
+        _one_line_error(capsys, key, repr(value))
+    folder = tmp_path / "processor"
+    shutil.copytree(checkpoint, folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps(dict(PREPROCESSOR, size={"shortest_edge": 64})))
+    assert main(["segment", str(images["rgb"]), "--model", str(folder), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    _one_line_error(capsys, "shortest_edge")
+
+
+def test_folders_batches_and_panoptic_options(checkpoint, images, tmp_path, capsys):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for name in ("a.png", "b.jpg", "c.png"):
+        PIL.Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(folder / name)
+    (folder / "notes.txt").write_text("not an image")
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = ["--model", str(checkpoint), "--threshold", "0.1", "--overlap-threshold", "0.5", "--mask-threshold",
+              "0.4", "--quiet"]
+    assert main(["segment", str(folder), "--out", str(one), *common]) == 0
+    assert main(["segment", str(folder), "--out", str(two), "--batch-size", "2", *common]) == 0
+    for stem in ("a", "b", "c"):
+        s1, _, r1 = read_outputs(one, stem)
+        s2, _, r2 = read_outputs(two, stem)
+        assert s1.shape == (40, 60) and (s1 == s2).mean() > 0.999  # same-size images: batching changes nothing
+    assert not (one / "notes_segmentation.png").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    capsys.readouterr()
+    assert main(["segment", str(empty), "--out", str(tmp_path / "x"), "--model", str(checkpoint)]) == 2
+    _one_line_error(capsys, "holds no images")
+
+
+def test_fuse_labels_by_name_and_id(checkpoint, images, tmp_path, capsys):
+    common = ["--model", str(checkpoint), "--threshold", "0", "--overlap-threshold", "0", "--quiet"]
+    assert main(["segment", str(images["rgb"]), "--out", str(tmp_path / "plain"), *common]) == 0
+    plain = [s["label_id"] for s in read_outputs(tmp_path / "plain", "street")[2]["segments"]]
+    assert plain.count(3) >= 2  # several "road" segments without fusion
+    for fuse in (["road"], ["3"], ["sky", "3"]):
+        out = tmp_path / "-".join(fuse)
+        assert main(["segment", str(images["rgb"]), "--out", str(out), "--fuse-labels", *fuse, *common]) == 0
+        seg, _, record = read_outputs(out, "street")
+        fused = [s for s in record["segments"] if s["label_id"] == 3]
+        assert len(fused) == 1 and fused[0]["was_fused"]
+        assert fused[0]["area"] == int((seg == fused[0]["id"]).sum()) > 0
+    capsys.readouterr()
+    code = main(["segment", str(images["rgb"]), "--fuse-labels", "unicorn", "--out", str(tmp_path / "u"), *common])
+    assert code == 2
+    _one_line_error(capsys, "--fuse-labels 'unicorn'")
+
+
+def test_non_finite_weights_are_reported(checkpoint, images, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "nan"
+    shutil.copytree(checkpoint, folder)
+    state = load_file(folder / "model.safetensors")
+    state = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in state.items()}
+    save_file(state, folder / "model.safetensors")
+    code = main(["segment", str(images["rgb"]), "--model", str(folder), "--out", str(tmp_path / "o"), "--quiet"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "non-finite logits" in err and "segmented 0 of 1" in err
+
+
+def test_help_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys; from maskformers.cli import make_parser; make_parser(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stderr
