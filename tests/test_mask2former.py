@@ -369,3 +369,22 @@ def test_build_and_forward_on_meta_device():
     with torch.no_grad():
         real = model(torch.randn(1, 3, 70, 90))
     assert real.mask_logits.shape == (1, 6, 18, 23) and torch.isfinite(real.mask_logits).all()
+
+
+def test_onnx_export_runs_in_onnxruntime(tmp_path):
+    """ONNX through torch.onnx.export(dynamo=True): the reference op (grid_sample is an ONNX operator) and
+    timm's unfused window attention (the exporter mis-decomposes the strides of the fused one)."""
+    pytest.importorskip("onnxscript")
+    ort = pytest.importorskip("onnxruntime")
+    model = set_backend(tiny_model(), "reference")
+    for module in model.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = False
+    x = torch.randn(1, 3, 64, 96)
+    torch.onnx.export(model, (x,), str(tmp_path / "model.onnx"), dynamo=True, verbose=False)
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"))
+    class_logits, mask_logits = session.run(None, {session.get_inputs()[0].name: x.numpy()})[:2]
+    with torch.no_grad():
+        expected = model(x)
+    torch.testing.assert_close(torch.from_numpy(class_logits), expected.class_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.from_numpy(mask_logits), expected.mask_logits, rtol=1e-5, atol=1e-5)
