@@ -128,7 +128,12 @@ BAD_INPUTS = [
     ("loc levels", lambda i: _replace(i, 3, i[3][:, :, :, :2]), ValueError, "L=2"),
     ("weights shape", lambda i: _replace(i, 4, i[4][..., :2]), ValueError, "expected attention_weights (B, Q, H, L, P)"),
     ("weights int", lambda i: _replace(i, 4, i[4].long()), TypeError, "attention_weights must be a floating-point"),
-    ("not a tensor", lambda i: _replace(i, 1, [[3, 4], [1, 1], [7, 5]]), TypeError, "spatial_shapes must be a torch.Tensor"),
+    ("list with a start index", lambda i: _replace(i, 1, [[3, 4], [1, 1], [7, 5]]), ValueError,
+     "pass level_start_index=None with spatial_shapes as a list"),
+    ("not a table", lambda i: _replace(_replace(i, 1, "3x4"), 2, None), TypeError,
+     "spatial_shapes must be an (L, 2) int64 tensor or a list of (h, w) pairs"),
+    ("list that does not cover S", lambda i: _replace(_replace(i, 1, [(3, 4), (1, 1), (7, 6)]), 2, None), ValueError,
+     "cover sum(h*w) = 55 positions but value has S = 48"),
     ("meta device", lambda i: _replace(i, 3, i[3].to("meta")), ValueError, "sampling_locations is on meta"),
 ]
 
@@ -354,3 +359,11 @@ def test_import_is_cheap():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("native", marks=needs_native_cpu)])
+def test_level_shapes_as_python_ints_match_the_tensor_form(backend):
+    value, shapes, starts, loc, w = make_inputs(dtype=torch.float64)
+    as_list = [tuple(int(v) for v in row) for row in shapes.tolist()]
+    expected = ms_deform_attn(value, shapes, starts, loc, w, backend=backend)
+    torch.testing.assert_close(ms_deform_attn(value, as_list, None, loc, w, backend=backend), expected, rtol=0, atol=0)
