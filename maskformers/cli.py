@@ -1,7 +1,7 @@
 """The ``maskformers`` command line.
 
     maskformers segment IMAGE... --model NAME_OR_PATH --task panoptic|semantic|instance --out DIR
-    maskformers convert SRC DST
+    maskformers convert SRC DST [--config JSON]
     maskformers info [--build]
     maskformers build-ops [--device cpu|cuda|all]
 """
@@ -36,8 +36,17 @@ def _convert(args: argparse.Namespace) -> int:
     from .hub import CheckpointError, convert
 
     try:
-        folder = convert(args.src, args.dst, force=args.force)
-    except (CheckpointError, FileNotFoundError, ValueError) as exc:
+        config = None
+        if args.config is not None:  # an inline JSON object, or a JSON file
+            text = Path(args.config).read_text() if args.config.lstrip()[:1] != "{" else args.config
+            try:
+                config = json.loads(text)
+            except ValueError as exc:
+                raise ValueError(f"--config {args.config!r} is not valid JSON: {exc}") from None
+            if not isinstance(config, dict):
+                raise ValueError(f"--config must hold a JSON object of config fields, got {type(config).__name__}")
+        folder = convert(args.src, args.dst, config=config, force=args.force)
+    except (CheckpointError, OSError, ValueError) as exc:
         print(f"maskformers convert: {exc}", file=sys.stderr)
         return 1
     print(f"wrote {folder}")
@@ -163,6 +172,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("src")
     p.add_argument("dst", help="output folder: must be missing or empty (see --force), never the source")
     p.add_argument("--force", action="store_true", help="write into a non-empty DST, replacing our files there")
+    p.add_argument("--config", help="original .pkl/.pth files only: a JSON object (inline or a file) of config fields "
+                   "that override what is read from the weights, e.g. '{\"num_heads\": 16}'")
     p.set_defaults(run=_convert)
 
     p = sub.add_parser("info", help="versions, and which ms_deform_attn backends are available (and why not)")

@@ -25,7 +25,7 @@ import torch
 
 from weights_convert.rules import ConversionError, Rule
 
-__all__ = ["swin_rules", "resnet_rules", "detect_d2_backbone"]
+__all__ = ["swin_rules", "resnet_rules", "backbone_rules", "detect_d2_backbone"]
 
 _PARAM = r"(weight|bias)"
 _BN = r"(weight|bias|running_mean|running_var)"
@@ -66,6 +66,14 @@ def resnet_rules(src_prefix: str = "backbone.", dst_prefix: str = "") -> list[Ru
         # a (Sync)BN-trained checkpoint counts batches; frozen or eval-mode norms do not need it
         Rule(p + r"(?:stem|res[2-5]\.\d+)\.\w+\.norm\.num_batches_tracked", None),
     ]
+
+
+def backbone_rules(kind: str, src_prefix: str = "backbone.", dst_prefix: str = "") -> list[Rule]:
+    """The rename table of a backbone kind as :func:`detect_d2_backbone` names it."""
+    tables = {"swin": swin_rules, "resnet": resnet_rules}
+    if kind not in tables:
+        raise ValueError(f"backbone kind must be one of {sorted(tables)}, got {kind!r}")
+    return tables[kind](src_prefix, dst_prefix)
 
 
 def _count(keys: list[str], pattern: str) -> dict[int, set[int]]:
