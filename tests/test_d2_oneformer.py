@@ -158,6 +158,53 @@ def test_text_mapper_matches_the_original_computation(tmp_path):
     assert got.abs().max() > 0.1
 
 
+class _DetrDecoderLayer(nn.Module):
+    """The original class_transformer's decoder layer (forward_post): self-attention on tgt + query_pos ->
+    norm1; cross-attention (query tgt + query_pos, key memory + pos, value memory) -> norm2; ReLU FFN -> norm3."""
+
+    def __init__(self, width, heads, ffn):
+        super().__init__()
+        self.self_attn, self.multihead_attn = nn.MultiheadAttention(width, heads), nn.MultiheadAttention(width, heads)
+        self.linear1, self.linear2 = nn.Linear(width, ffn), nn.Linear(ffn, width)
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(width), nn.LayerNorm(width), nn.LayerNorm(width)
+
+    def forward(self, tgt, memory, pos, query_pos):
+        tgt = self.norm1(tgt + self.self_attn(tgt + query_pos, tgt + query_pos, tgt)[0])
+        tgt = self.norm2(tgt + self.multihead_attn(tgt + query_pos, memory + pos, memory)[0])
+        return self.norm3(tgt + self.linear2(self.linear1(tgt).relu()))
+
+
+def test_query_transformer_matches_the_original_class_transformer(tmp_path):
+    """Our converted query transformer against the original's computation on the original's names
+    (float64): memory = sine embedding of the 1/4 map, key position = class_input_proj(mask features),
+    queries start from the normalised task token, query_embed[:-1] as their positions."""
+    from maskformers.layers.position_encoding import SinePositionEmbedding
+
+    config = tiny_config(SWIN, with_text_mapper=False)
+    original = ours_to_original(random_oneformer(config, seed=4).state_dict())
+    loaded = from_pretrained(convert(save_pth(original, tmp_path / "q.pth"), tmp_path / "ours")).double()
+    sd = {k: v.double() for k, v in original.items()}
+    layers = nn.ModuleList(_DetrDecoderLayer(64, 8, 48) for _ in range(2)).double()
+    prefix = PR_CT + "transformer.decoder.layers."
+    layers.load_state_dict({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)})
+    mask_features = torch.randn(2, 64, 9, 11, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    task = torch.randn(2, 1, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+
+    pe = SinePositionEmbedding(num_pos_feats=32, normalize=True)(9, 11, dtype=torch.float64, device="cpu")
+    memory = pe.reshape(99, 1, 64).expand(99, 2, 64)  # (HW, B, C)
+    pos = nn.functional.conv2d(mask_features, sd[PR_CT + "input_proj.weight"], sd[PR_CT + "input_proj.bias"])
+    pos = pos.flatten(2).permute(2, 0, 1)  # (HW, B, C)
+    query_pos = sd["sem_seg_head.predictor.query_embed.weight"][:-1, None].expand(-1, 2, -1)  # (Q-1, B, C)
+    tgt = task.transpose(0, 1).repeat(query_pos.shape[0], 1, 1)
+    with torch.no_grad():
+        for layer in layers:
+            tgt = layer(tgt, memory, pos, query_pos)
+        expected = nn.functional.layer_norm(tgt, (64,), sd[PR_CT + "transformer.decoder.norm.weight"],
+                                            sd[PR_CT + "transformer.decoder.norm.bias"]).transpose(0, 1)
+        got = loaded.query_transformer(mask_features, loaded.query_embed.weight[:-1], task)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
 # ------------------------------------------------------------------------------------------------
 # which model, and broken files
 # ------------------------------------------------------------------------------------------------
