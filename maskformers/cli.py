@@ -1,7 +1,7 @@
 """The ``maskformers`` command line.
 
     maskformers segment IMAGE_OR_FOLDER... --model NAME_OR_PATH --task panoptic|semantic|instance --out DIR
-    maskformers convert SRC DST [--force]
+    maskformers convert SRC DST [--force] [--config JSON]
     maskformers info [--build]
     maskformers build-ops [--device cpu|cuda|all]
 """
@@ -9,7 +9,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 __all__ = ["main", "make_parser"]
 
@@ -30,11 +32,20 @@ def _convert(args: argparse.Namespace) -> int:
     from .hub import CheckpointError, convert
 
     try:
-        folder = convert(args.src, args.dst, force=args.force)
-    except ValueError as exc:  # a DST that must not be written (the source, a file, a non-empty folder)
+        config = None
+        if args.config is not None:  # an inline JSON object, or a JSON file
+            text = Path(args.config).read_text() if args.config.lstrip()[:1] != "{" else args.config
+            try:
+                config = json.loads(text)
+            except ValueError as exc:
+                raise ValueError(f"--config {args.config!r} is not valid JSON: {exc}") from None
+            if not isinstance(config, dict):
+                raise ValueError(f"--config must hold a JSON object of config fields, got {type(config).__name__}")
+        folder = convert(args.src, args.dst, config=config, force=args.force)
+    except (ValueError, OSError) as exc:  # a DST that must not be written, a bad --config
         print(f"maskformers convert: {exc}", file=sys.stderr)
         return 2
-    except (CheckpointError, FileNotFoundError) as exc:
+    except CheckpointError as exc:
         print(f"maskformers convert: {exc}", file=sys.stderr)
         return 1
     print(f"wrote {folder}")
@@ -53,6 +64,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("src")
     p.add_argument("dst", help="output folder: must be missing or empty (see --force), never the source")
     p.add_argument("--force", action="store_true", help="write into a non-empty DST, replacing our files there")
+    p.add_argument("--config", help="original .pkl/.pth files only: a JSON object (inline or a file) of config fields "
+                   "that override what is read from the weights, e.g. '{\"num_heads\": 16}'")
     p.set_defaults(run=_convert)
 
     p = sub.add_parser("info", help="versions, and which ms_deform_attn backends are available (and why not)")

@@ -384,9 +384,12 @@ def _same_place(a: Path, b: Path) -> bool:
 def convert(src: str | Path, dst: str | Path, *, config: Any = None, force: bool = False) -> Path:
     """Convert ``src`` to our layout in folder ``dst`` (the ``maskformers convert SRC DST`` command).
 
-    src: a hub id or folder (transformers or our layout), or an original-repository checkpoint file
-    (Mask2Former ``.pkl`` model-zoo file or ``.pth``). For those files the architecture is read from the
-    weights (8 attention heads and 4 sampling points assumed) unless ``config`` is given.
+    src: a hub id or folder (transformers or our layout), or an original-repository checkpoint file: a
+    Mask2Former ``.pkl`` model-zoo file or ``.pth``, or a OneFormer ``.pth`` (which of the two is read
+    from its keys). For those files the architecture is read from the weights, with what the weights
+    do not show (8 attention heads, 4 sampling points follow; OneFormer's dropout and task norm) taken
+    from the published models. ``config`` replaces that: a ``Mask2FormerConfig`` / ``OneFormerConfig``
+    used as is, or a dict of fields that override the inferred ones (``{"num_heads": 16}``).
 
     ``dst`` must not be ``src`` nor lie inside it, and must be missing or empty unless ``force`` (then
     our files in it are replaced); the result is written into a temporary folder and moved at the end.
@@ -407,20 +410,39 @@ def convert(src: str | Path, dst: str | Path, *, config: Any = None, force: bool
     return save_pretrained(model, dst)
 
 
+def _original_config(api: _ModelType, converter: Any, raw: Mapping[str, torch.Tensor], config: Any, model_type: str):
+    """The architecture of an original checkpoint: inferred from ``raw``, or ``config`` (instance / overrides)."""
+    if isinstance(config, api.config_class):
+        return config
+    if config is not None and not isinstance(config, Mapping):
+        raise ValueError(
+            f"this file holds a {model_type} checkpoint: config must be a {api.config_class.__name__} or a dict of "
+            f"its fields, got {type(config).__name__}"
+        )
+    overrides = dict(config or {})
+    heads = {"num_heads": overrides["num_heads"]} if "num_heads" in overrides else {}  # the sampling points follow
+    fields = {**converter.infer_architecture(raw, **heads), **overrides}
+    return api.config_class.from_dict(fields)
+
+
 def _convert_original_file(path: Path, config: Any) -> nn.Module:
+    """A Mask2Former or OneFormer (which one: read from the keys) from an original-repository file."""
     import pickle
 
-    from weights_convert import ConversionError, d2_mask2former
-
-    from .models.mask2former import Mask2FormerConfig, build_mask2former
+    from weights_convert import ConversionError, d2_mask2former, d2_oneformer
+    from weights_convert.checkpoint_io import load_d2_checkpoint
 
     try:
-        raw = d2_mask2former.load_checkpoint(path)
-        if config is None:
-            config = Mask2FormerConfig(**d2_mask2former.infer_architecture(raw))
-        state = d2_mask2former.convert_state_dict(raw, backbone_type=config.backbone["name"], source=str(path))
-    except (ConversionError, ValueError, pickle.UnpicklingError) as exc:
+        raw = load_d2_checkpoint(path)
+        model_type = d2_oneformer.original_model_type(raw, source=str(path))
+        converter = d2_oneformer if model_type == "oneformer" else d2_mask2former
+        api = _model_type(model_type)
+        config = _original_config(api, converter, raw, config, model_type)
+        state = converter.convert_state_dict(raw, backbone_type=config.backbone["name"], source=str(path))
+    except (ConversionError, pickle.UnpicklingError) as exc:
         raise CheckpointError(str(exc)) from exc
-    model = build_mask2former(config)
+    except (ValueError, TypeError) as exc:  # unreadable file, invalid config fields
+        raise CheckpointError(str(exc) if str(path) in str(exc) else f"{path}: {exc}") from exc
+    model = api.build(config)
     load_state_dict_strict(model, state, source=str(path))
     return model

@@ -319,7 +319,7 @@ def test_d2_resnet_converts_detects_and_matches():
     assert d2_backbone.detect_d2_backbone(deep) == ("resnet", {"depth": 101})
     with pytest.raises(ConversionError, match="conv1.bias"):
         apply_rules(dict(d2, **{"backbone.res2.0.conv1.bias": torch.zeros(64)}), d2_backbone.resnet_rules())
-    with pytest.raises(ConversionError, match="no Swin or ResNet"):
+    with pytest.raises(ConversionError, match="no Swin, ResNet or ConvNeXt"):
         d2_backbone.detect_d2_backbone({"backbone.stages.0.weight": torch.zeros(1)})
 
 

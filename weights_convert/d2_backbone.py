@@ -12,6 +12,11 @@ ResNet (detectron2 ``build_resnet_backbone``, e.g. the torchvision-initialised R
 STRIDE_IN_1X1=False (Mask2Former's setting), RES5_DILATION=1, one group and a basic stem; those settings
 do not show in the weights, so ``detect_d2_backbone`` cannot check them. Arrays from a ``.pkl`` must be
 turned into tensors (``torch.as_tensor``) before conversion.
+
+ConvNeXt (OneFormer's D2ConvNeXt): ``downsample_layers.0.{0,1}`` (stem conv, LayerNorm) -> ``stem.{0,1}``;
+``downsample_layers.{i}.{0,1}`` (LayerNorm, 2x2 conv opening stage i) -> ``stages.{i}.downsample.{0,1}``;
+``stages.{i}.{j}.{dwconv, norm, pwconv1, pwconv2, gamma}`` -> ``stages.{i}.blocks.{j}.{conv_dw, norm, mlp.fc1,
+mlp.fc2, gamma}``; ``norm{i}`` -> ``norms.{i}``.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import torch
 
 from weights_convert.rules import ConversionError, Rule
 
-__all__ = ["swin_rules", "resnet_rules", "detect_d2_backbone"]
+__all__ = ["swin_rules", "resnet_rules", "convnext_rules", "backbone_rules", "detect_d2_backbone"]
 
 _PARAM = r"(weight|bias)"
 _BN = r"(weight|bias|running_mean|running_var)"
@@ -68,6 +73,28 @@ def resnet_rules(src_prefix: str = "backbone.", dst_prefix: str = "") -> list[Ru
     ]
 
 
+def convnext_rules(src_prefix: str = "backbone.", dst_prefix: str = "") -> list[Rule]:
+    """Rename table for a D2ConvNeXt state dict (keys under ``src_prefix``)."""
+    p, d = re.escape(src_prefix), dst_prefix
+    block = p + r"stages\.(\d+)\.(\d+)\."
+    return [
+        Rule(p + r"downsample_layers\.0\.([01])\." + _PARAM, rf"{d}stem.\1.\2"),
+        Rule(p + r"downsample_layers\.([1-9]\d*)\.([01])\." + _PARAM, rf"{d}stages.\1.downsample.\2.\3"),
+        Rule(block + r"dwconv\." + _PARAM, rf"{d}stages.\1.blocks.\2.conv_dw.\3"),
+        Rule(block + r"pwconv([12])\." + _PARAM, rf"{d}stages.\1.blocks.\2.mlp.fc\3.\4"),
+        Rule(block + r"(norm\.weight|norm\.bias|gamma)", rf"{d}stages.\1.blocks.\2.\3"),
+        Rule(p + r"norm(\d+)\." + _PARAM, rf"{d}norms.\1.\2"),
+    ]
+
+
+def backbone_rules(kind: str, src_prefix: str = "backbone.", dst_prefix: str = "") -> list[Rule]:
+    """The rename table of a backbone kind as :func:`detect_d2_backbone` names it."""
+    tables = {"swin": swin_rules, "resnet": resnet_rules, "convnext": convnext_rules}
+    if kind not in tables:
+        raise ValueError(f"backbone kind must be one of {sorted(tables)}, got {kind!r}")
+    return tables[kind](src_prefix, dst_prefix)
+
+
 def _count(keys: list[str], pattern: str) -> dict[int, set[int]]:
     found: dict[int, set[int]] = {}
     for key in keys:
@@ -81,8 +108,9 @@ def detect_d2_backbone(state_dict: Mapping[str, torch.Tensor], prefix: str = "ba
     """Which backbone a detectron2 state dict holds, read from its keys and shapes.
 
     Returns ``("swin", kwargs for swin_backbone)`` with embed_dim, depths, num_heads, window_size,
-    mlp_ratio and qkv_bias, or ``("resnet", {"depth": 50 | 101})``. Raises ``ConversionError`` when the
-    keys fit neither or describe an unsupported variant.
+    mlp_ratio and qkv_bias, ``("resnet", {"depth": 50 | 101})``, or ``("convnext", kwargs for
+    convnext_backbone)`` with depths, dims, kernel_size, layer_scale_init_value and in_chans. Raises
+    ``ConversionError`` when the keys fit none or describe an unsupported variant.
     """
     p = re.escape(prefix)
     keys = list(state_dict)
@@ -128,5 +156,40 @@ def detect_d2_backbone(state_dict: Mapping[str, torch.Tensor], prefix: str = "ba
             raise ConversionError(f"unsupported ResNet variant: stem {stem}, res2.0.conv2 {conv2} "
                                   f"(expected (64, 3, 7, 7) and (64, 64, 3, 3): basic stem, one group, width 64)")
         return "resnet", {"depth": depth}
+    if prefix + "downsample_layers.0.0.weight" in state_dict:
+        return "convnext", _convnext_kwargs(state_dict, prefix)
     heads = sorted({k[len(prefix):].split(".")[0] for k in keys if k.startswith(prefix)})
-    raise ConversionError(f"no Swin or ResNet backbone under {prefix!r}: found {heads or 'no such keys'}")
+    if prefix + "patch_embed.proj.0.weight" in state_dict and "levels" in heads:
+        raise ConversionError("unsupported backbone: DiNAT (neighborhood attention; not implemented yet)")
+    raise ConversionError(f"no Swin, ResNet or ConvNeXt backbone under {prefix!r}: found {heads or 'no such keys'}")
+
+
+def _convnext_kwargs(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[str, Any]:
+    p = re.escape(prefix)
+    stem = state_dict[prefix + "downsample_layers.0.0.weight"]
+    if stem.dim() != 4 or tuple(stem.shape[2:]) != (4, 4):
+        raise ConversionError(f"unsupported ConvNeXt stem {tuple(stem.shape)} (only a 4x4 stride-4 conv)")
+    blocks = _count(list(state_dict), p + r"stages\.(\d+)\.(\d+)\.dwconv\.weight")
+    if not blocks or sorted(blocks) != list(range(len(blocks))):
+        raise ConversionError(f"ConvNeXt stages are not numbered 0..n-1 under {prefix}stages: {sorted(blocks)}")
+    for s, found in blocks.items():
+        if sorted(found) != list(range(len(found))):
+            raise ConversionError(f"ConvNeXt stage {s} blocks are not numbered 0..n-1: {sorted(found)}")
+    dw = [state_dict[f"{prefix}stages.{s}.0.dwconv.weight"] for s in sorted(blocks)]
+    dims = [int(w.shape[0]) for w in dw]
+    kernels = {tuple(w.shape[2:]) for w in dw}
+    needed = [f"{prefix}norm{s}.weight" for s in sorted(blocks)] + [f"{prefix}stages.0.0.pwconv1.weight"]
+    if any(k not in state_dict for k in needed) or len(kernels) != 1:
+        raise ConversionError(f"unsupported ConvNeXt: per-stage output norms or blocks missing "
+                              f"({[k for k in needed if k not in state_dict]}), or kernels {sorted(kernels)}")
+    kernel = kernels.pop()
+    hidden = int(state_dict[prefix + "stages.0.0.pwconv1.weight"].shape[0])
+    if kernel[0] != kernel[1] or hidden != 4 * dims[0]:
+        raise ConversionError(f"unsupported ConvNeXt: depthwise kernel {kernel}, MLP width {hidden} for {dims[0]} "
+                              "channels (only square kernels and the 4x MLP)")
+    return {
+        "depths": [len(blocks[s]) for s in sorted(blocks)], "dims": dims, "kernel_size": kernel[0],
+        # the value is only an initialisation; the weights show whether there is a layer scale at all
+        "layer_scale_init_value": 1.0 if prefix + "stages.0.0.gamma" in state_dict else None,
+        "in_chans": int(stem.shape[1]),
+    }

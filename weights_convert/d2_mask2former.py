@@ -25,10 +25,13 @@ from typing import Any
 import torch
 
 from .checkpoint_io import UnsafePickleError, load_d2_checkpoint
-from .d2_backbone import detect_d2_backbone, resnet_rules, swin_rules
+from .d2_backbone import backbone_rules, detect_d2_backbone
 from .rules import ConversionError, Rule, apply_rules
 
-__all__ = ["load_checkpoint", "rules", "convert_state_dict", "infer_architecture", "UnsafePickleError"]
+__all__ = [
+    "load_checkpoint", "rules", "convert_state_dict", "infer_architecture", "shared_architecture", "decoder_rules",
+    "pixel_decoder_rules", "predictor_rules", "UnsafePickleError",
+]
 
 PIXEL_DECODER = "sem_seg_head.pixel_decoder."
 PREDICTOR = "sem_seg_head.predictor."
@@ -59,7 +62,9 @@ def pixel_decoder_rules(src: str = PIXEL_DECODER, dst: str = "pixel_decoder.") -
     ]
 
 
-def predictor_rules(src: str = PREDICTOR, dst: str = "transformer_decoder.") -> list[Rule]:
+def decoder_rules(src: str = PREDICTOR, dst: str = "transformer_decoder.") -> list[Rule]:
+    """The masked-attention decoder and its heads (shared by Mask2Former and OneFormer), plus the queries'
+    position embeddings ``query_embed`` (a top-level parameter of both of our models)."""
     s, d = re.escape(src), dst
 
     def qkv(prefix: str) -> tuple[str, ...]:  # packed in_proj rows are q, k, v in that order
@@ -67,7 +72,7 @@ def predictor_rules(src: str = PREDICTOR, dst: str = "transformer_decoder.") -> 
 
     sa, ca, ffn = (rf"{s}transformer_{n}_layers\.(\d+)\." for n in ("self_attention", "cross_attention", "ffn"))
     return [
-        Rule(rf"{s}(query_feat|query_embed)\.weight", r"\1.weight"),  # the model's learned queries
+        Rule(rf"{s}query_embed\.weight", "query_embed.weight"),
         Rule(rf"{s}level_embed\.weight", rf"{d}level_embed.weight"),
         Rule(rf"{s}input_proj\.(\d+)\.(weight|bias)", rf"{d}input_projs.\1.\2"),
         Rule(sa + r"self_attn\.in_proj_(weight|bias)", None, split=qkv(rf"{d}layers.\1.self_attn.attn.")),
@@ -83,20 +88,25 @@ def predictor_rules(src: str = PREDICTOR, dst: str = "transformer_decoder.") -> 
     ]
 
 
+def predictor_rules(src: str = PREDICTOR, dst: str = "transformer_decoder.") -> list[Rule]:
+    """Mask2Former's predictor: the learned query features plus :func:`decoder_rules`."""
+    return [Rule(rf"{re.escape(src)}query_feat\.weight", "query_feat.weight"), *decoder_rules(src, dst)]
+
+
+# kept in the original's state dict but not part of the model; dropped on purpose
+DROPPED = (
+    Rule(r"criterion\.empty_weight", None),  # loss class weights
+    Rule(r"pixel_(mean|std)", None),  # normalisation constants, applied by the image processor here
+)
+
+
 def rules(backbone_type: str) -> list[Rule]:
-    """The whole rename table for a Mask2Former checkpoint with a ``"swin"`` or ``"resnet"`` backbone."""
-    if backbone_type == "swin":
-        backbone = swin_rules("backbone.", "backbone.")
-    elif backbone_type == "resnet":
-        backbone = resnet_rules("backbone.", "backbone.")
-    else:
-        raise ValueError(f"backbone_type must be 'swin' or 'resnet', got {backbone_type!r}")
+    """The whole rename table for a Mask2Former checkpoint (backbone kind as :func:`detect_d2_backbone` names it)."""
     return [
-        *backbone,
+        *backbone_rules(backbone_type, "backbone.", "backbone."),
         *pixel_decoder_rules(),
         *predictor_rules(),
-        Rule(r"criterion\.empty_weight", None),  # loss class weights
-        Rule(r"pixel_(mean|std)", None),  # normalisation constants, applied by the image processor here
+        *DROPPED,
     ]
 
 
@@ -114,17 +124,19 @@ def _count(state_dict: Mapping[str, Any], pattern: str) -> int:
     return len(found)
 
 
-def infer_architecture(
-    state_dict: Mapping[str, torch.Tensor], *, num_heads: int = 8, backbone_strides: tuple[int, ...] = (4, 8, 16, 32)
+def shared_architecture(
+    state_dict: Mapping[str, torch.Tensor], *, num_heads: int = 8, backbone_strides: tuple[int, ...] = (4, 8, 16, 32),
+    model: str = "Mask2Former",
 ) -> dict[str, Any]:
-    """Keyword arguments of ``Mask2FormerConfig`` read from an original checkpoint's shapes.
+    """The fields of ``MaskFormerConfig`` (backbone, pixel decoder, masked-attention decoder) read from an
+    original Mask2Former or OneFormer checkpoint's shapes; ``model`` names it in errors.
 
     The number of attention heads does not show in the weights (``num_heads``, 8 in every published
     model); sampling points follow from it. ``pre_norm`` is assumed False (all published models).
     """
     def get(key: str) -> torch.Tensor:
         if key not in state_dict:
-            raise ConversionError(f"not a Mask2Former checkpoint: {key!r} is missing")
+            raise ConversionError(f"not a {model} checkpoint: {key!r} is missing")
         return state_dict[key]
 
     kind, kwargs = detect_d2_backbone(state_dict)
@@ -136,8 +148,8 @@ def infer_architecture(
         raise ConversionError(
             f"sampling_offsets has {offsets} rows, not a multiple of 2 * {num_levels} levels * {num_heads} heads"
         )
-    query_feat = get(pr + "query_feat.weight")
-    hidden_dim = int(query_feat.shape[1])
+    query_embed = get(pr + "query_embed.weight")
+    hidden_dim = int(query_embed.shape[1])
     num_fpn = _count(state_dict, re.escape(pd) + r"adapter_(\d+)\.weight")
     first_level = len(backbone_strides) - num_levels
     common_stride = backbone_strides[first_level - num_fpn]
@@ -145,7 +157,7 @@ def infer_architecture(
     return {
         "backbone": {"name": kind, **kwargs},
         "num_classes": int(get(pr + "class_embed.weight").shape[0]) - 1,
-        "num_queries": int(query_feat.shape[0]),
+        "num_queries": int(query_embed.shape[0]),
         "hidden_dim": hidden_dim,
         "conv_dim": conv_dim,
         "mask_dim": int(get(pd + "mask_features.weight").shape[0]),
@@ -162,3 +174,13 @@ def infer_architecture(
         "pre_norm": False,
         "enforce_input_projection": has_input_proj and conv_dim == hidden_dim,
     }
+
+
+def infer_architecture(
+    state_dict: Mapping[str, torch.Tensor], *, num_heads: int = 8, backbone_strides: tuple[int, ...] = (4, 8, 16, 32)
+) -> dict[str, Any]:
+    """Keyword arguments of ``Mask2FormerConfig`` read from an original checkpoint's shapes (see
+    :func:`shared_architecture`; the learned ``query_feat`` must be there)."""
+    if PREDICTOR + "query_feat.weight" not in state_dict:
+        raise ConversionError(f"not a Mask2Former checkpoint: {PREDICTOR + 'query_feat.weight'!r} is missing")
+    return shared_architecture(state_dict, num_heads=num_heads, backbone_strides=backbone_strides)

@@ -63,6 +63,10 @@ class TextEncoder(nn.Module):
         causal: bool = True,
     ) -> None:
         super().__init__()
+        if min(vocab_size, context_length, width, num_heads) < 1 or num_layers < 0:
+            raise ValueError(f"expected positive vocab_size, context_length, width, num_heads and num_layers >= 0, got "
+                             f"vocab_size={vocab_size}, context_length={context_length}, width={width}, "
+                             f"num_heads={num_heads}, num_layers={num_layers}")
         if width % num_heads:
             raise ValueError(f"width must be divisible by num_heads, got width={width}, num_heads={num_heads}")
         self.vocab_size = vocab_size

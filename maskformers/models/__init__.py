@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING
 from .._lazy import lazy_exports
 
 _EXPORTS = {
+    "ConvNeXtBackbone": ".convnext",
+    "convnext_backbone": ".convnext",
     "ResNetBackbone": ".backbone",
     "SwinBackbone": ".backbone",
     "build_backbone": ".backbone",
@@ -36,6 +38,7 @@ __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)
 
 if TYPE_CHECKING:
+    from .convnext import ConvNeXtBackbone, convnext_backbone
     from .backbone import ResNetBackbone, SwinBackbone, build_backbone, resnet_backbone, swin_backbone
     from .builders import build_pixel_decoder, build_transformer_decoder, materialize
     from .config import Mask2FormerConfig, MaskFormerConfig, OneFormerConfig

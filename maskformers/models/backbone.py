@@ -1,4 +1,5 @@
-"""Multi-scale backbones over timm modules: the Mask2Former/OneFormer Swin and a detectron2-style ResNet.
+"""Multi-scale backbones over timm modules: the Mask2Former/OneFormer Swin and a detectron2-style ResNet
+(OneFormer's ConvNeXt lives in :mod:`maskformers.models.convnext`; ``build_backbone`` builds all three).
 
 Contract shared by every backbone here: ``forward(pixel_values (B, C_in, H, W))`` returns a list of
 feature maps ``(B, C_i, H_i, W_i)`` ordered by increasing stride, and the module reports
@@ -297,11 +298,16 @@ def timm_backbone_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.M
 
 
 def build_backbone(spec: Mapping[str, Any]) -> nn.Module:
-    """Backbone from a spec ``{"name": "swin" | "resnet", **kwargs of swin_backbone / resnet_backbone}``."""
+    """Backbone from a spec ``{"name": "swin" | "resnet" | "convnext", **kwargs of swin_backbone /
+    resnet_backbone / convnext_backbone}``."""
     kwargs = dict(spec)
     name = kwargs.pop("name", None)
     if name == "swin":
         return swin_backbone(**kwargs)
     if name == "resnet":
         return resnet_backbone(**kwargs)
-    raise ValueError(f"unknown backbone name {name!r} in spec {dict(spec)}; expected 'swin' or 'resnet'")
+    if name == "convnext":
+        from .convnext import convnext_backbone  # its own module (it imports this one)
+
+        return convnext_backbone(**kwargs)
+    raise ValueError(f"unknown backbone name {name!r} in spec {dict(spec)}; expected 'swin', 'resnet' or 'convnext'")

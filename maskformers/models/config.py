@@ -29,6 +29,20 @@ SWIN_SPECS: dict[str, dict[str, Any]] = {
 C = TypeVar("C", bound="MaskFormerConfig")
 
 
+def _check_flags(config: Any, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if not isinstance(value, bool):
+            raise ValueError(f"{type(config).__name__}.{name} must be True or False, got {value!r}")
+
+
+def _check_rates(config: Any, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+            raise ValueError(f"{type(config).__name__}.{name} must be a probability in [0, 1), got {value!r}")
+
+
 @dataclass
 class MaskFormerConfig:
     """Fields shared by Mask2Former and OneFormer.
@@ -73,6 +87,8 @@ class MaskFormerConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{type(self).__name__}.{name} must be an integer >= 0, got {value!r}")
+        _check_flags(self, ("pre_norm", "enforce_input_projection"))
+        _check_rates(self, ("encoder_dropout",))
         if not isinstance(self.backbone, Mapping) or "name" not in self.backbone:
             raise ValueError(f"{type(self).__name__}.backbone must be a dict with a 'name', got {self.backbone!r}")
         if self.hidden_dim % self.num_heads:
@@ -138,6 +154,12 @@ class OneFormerConfig(MaskFormerConfig):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"OneFormerConfig.{name} must be a positive integer, got {value!r}")
+        _check_flags(self, ("use_task_norm", "with_text_mapper", "text_causal_mask"))
+        _check_rates(self, ("query_dropout",))
+        for name in ("query_dec_layers", "text_layers", "text_n_ctx"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"OneFormerConfig.{name} must be an integer >= 0, got {value!r}")
         if self.with_text_mapper and self.text_n_ctx >= self.num_queries:
             raise ValueError(
                 f"OneFormerConfig.text_n_ctx={self.text_n_ctx} must be < num_queries={self.num_queries} "

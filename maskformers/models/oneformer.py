@@ -42,9 +42,12 @@ _DATASETS: dict[str, tuple[int, int]] = {
     "cityscapes": (19, 250),
     "mapillary-vistas": (65, 250),
 }
+# the D2ConvNeXt of the original configs: 7x7 depthwise kernels, layer scale (LSIT 1.0); the spec
+# weights_convert.d2_backbone reads from their checkpoints
 _CONVNEXT_SPECS = {
-    "convnext-large": {"name": "convnext", "depths": [3, 3, 27, 3], "dims": [192, 384, 768, 1536]},
-    "convnext-xlarge": {"name": "convnext", "depths": [3, 3, 27, 3], "dims": [256, 512, 1024, 2048]},
+    f"convnext-{size}": {"name": "convnext", "depths": [3, 3, 27, 3], "dims": dims, "kernel_size": 7,
+                         "layer_scale_init_value": 1.0, "in_chans": 3}
+    for size, dims in (("large", [192, 384, 768, 1536]), ("xlarge", [256, 512, 1024, 2048]))
 }
 
 

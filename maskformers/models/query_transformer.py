@@ -63,9 +63,15 @@ class QueryTransformer(nn.Module):
         pre_norm: bool = False,
     ) -> None:
         super().__init__()
-        if hidden_dim % 2:
-            raise ValueError(f"hidden_dim must be even (sine position embedding), got {hidden_dim}")
+        if hidden_dim < 2 or hidden_dim % 2:
+            raise ValueError(f"hidden_dim must be even and >= 2 (sine position embedding), got {hidden_dim}")
+        if mask_dim < 1 or ffn_dim < 1 or num_layers < 0:
+            raise ValueError(f"expected mask_dim >= 1, ffn_dim >= 1 and num_layers >= 0, got mask_dim={mask_dim}, "
+                             f"ffn_dim={ffn_dim}, num_layers={num_layers}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"expected 0 <= dropout < 1, got {dropout}")
         self.hidden_dim = hidden_dim
+        self.mask_dim = mask_dim
         self.position_embedding = SinePositionEmbedding(num_pos_feats=hidden_dim // 2, normalize=True)
         self.input_proj = nn.Conv2d(mask_dim, hidden_dim, 1)
         self.layers = nn.ModuleList(
@@ -92,12 +98,12 @@ class QueryTransformer(nn.Module):
         """mask_features (B, mask_dim, H, W); query_pos (Q, C) position embeddings of the object queries;
         task_query (B, 1, C) the (normalised) task token every query starts from, or None to start from
         zeros. Returns the object queries (B, Q, C)."""
-        if mask_features.dim() != 4:
-            raise ValueError(f"expected mask_features (B, C, H, W), got {tuple(mask_features.shape)}")
+        if mask_features.dim() != 4 or mask_features.shape[1] != self.mask_dim:
+            raise ValueError(f"expected mask_features (B, {self.mask_dim}, H, W), got {tuple(mask_features.shape)}")
         B, _, H, W = mask_features.shape
-        Q, C = query_pos.shape
-        if C != self.hidden_dim:
+        if query_pos.dim() != 2 or query_pos.shape[1] != self.hidden_dim:
             raise ValueError(f"expected query_pos (Q, {self.hidden_dim}), got {tuple(query_pos.shape)}")
+        Q, C = query_pos.shape
         memory = self.position_embedding(H, W, dtype=mask_features.dtype, device=mask_features.device)
         memory = memory.view(1, H * W, C).expand(B, -1, -1)  # (B, HW, C): the values
         key = memory + self.input_proj(mask_features).flatten(2).transpose(1, 2)  # (B, HW, C)

@@ -18,12 +18,17 @@ from ..layers.mlp import MLP
 
 __all__ = ["TaskEncoder"]
 
+_EXACT = 2**24  # every integer below it is a float32
+
 
 class TaskEncoder(nn.Module):
     """Parameters: ``mlp`` (:class:`~maskformers.layers.MLP` task_seq_len -> C -> C)."""
 
     def __init__(self, *, task_seq_len: int = 77, hidden_dim: int = 256, num_layers: int = 2) -> None:
         super().__init__()
+        if task_seq_len < 1 or hidden_dim < 1:
+            raise ValueError(f"expected task_seq_len >= 1 and hidden_dim >= 1, got task_seq_len={task_seq_len}, "
+                             f"hidden_dim={hidden_dim}")
         self.task_seq_len = task_seq_len
         self.mlp = MLP(input_dim=task_seq_len, hidden_dim=hidden_dim, output_dim=hidden_dim, num_layers=num_layers)
 
@@ -36,6 +41,11 @@ class TaskEncoder(nn.Module):
                 f"task_inputs must be integer token ids (int64), got {task_inputs.dtype}: a float tensor may "
                 "already have rounded the ids"
             )
+        if task_inputs.numel() and not torch.compiler.is_compiling():
+            low, high = int(task_inputs.min()), int(task_inputs.max())
+            if low < 0 or high >= _EXACT:
+                raise ValueError(f"task_inputs must be token ids in [0, 2**24) (exact in float32), got values in "
+                                 f"[{low}, {high}]")
         out_dtype = self.mlp.layers[0].weight.dtype
         x = task_inputs.to(torch.float64 if out_dtype == torch.float64 else torch.float32)
         autocast = torch.amp.is_autocast_available(x.device.type)

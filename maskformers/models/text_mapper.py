@@ -50,11 +50,14 @@ class TextMapper(nn.Module):
 
     def forward(self, text_inputs: torch.Tensor) -> torch.Tensor:
         """text_inputs (B, T, L) token ids. Returns text queries (B, T + n_ctx, C)."""
-        if text_inputs.dim() != 3:
-            raise ValueError(f"expected text_inputs (B, num_text, {self.text_encoder.context_length}), "
-                             f"got {tuple(text_inputs.shape)}")
-        B, T, L = text_inputs.shape
-        queries = self.projector(self.text_encoder(text_inputs.reshape(B * T, L))).view(B, T, -1)
+        L = self.text_encoder.context_length
+        if text_inputs.dim() != 3 or text_inputs.shape[-1] != L:
+            raise ValueError(f"expected text_inputs (B, num_text, {L}), got {tuple(text_inputs.shape)}")
+        if text_inputs.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"text_inputs must be integer token ids, got {text_inputs.dtype}")
+        B, T, _ = text_inputs.shape
+        queries = self.projector(self.text_encoder(text_inputs.reshape(B * T, L)))
+        queries = queries.view(B, T, queries.shape[-1])  # (B, T, C)
         if self.prompt_ctx is not None:
             queries = torch.cat([queries, self.prompt_ctx.weight[None].expand(B, -1, -1).to(queries.dtype)], dim=1)
         return queries
