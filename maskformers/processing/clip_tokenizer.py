@@ -158,13 +158,26 @@ class CLIPTokenizer:
         return cls(vocab=vocab, merges=merges, **kwargs)
 
     @classmethod
+    def from_tokenizer_json(cls, path: str | os.PathLike, **kwargs) -> "CLIPTokenizer":
+        """From the BPE model inside a `tokenizers` ``tokenizer.json`` (what transformers 5 saves)."""
+        with open(path, encoding="utf-8") as f:
+            model = json.load(f).get("model", {})
+        if model.get("type") != "BPE" or model.get("end_of_word_suffix") != END_OF_WORD:
+            raise ValueError(f"{os.fspath(path)!r} does not hold a CLIP BPE model (type BPE, end_of_word_suffix </w>)")
+        merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+        return cls(vocab=model["vocab"], merges=merges, **kwargs)
+
+    @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, **kwargs) -> "CLIPTokenizer":
-        """From a checkpoint folder holding ``vocab.json`` and ``merges.txt``."""
+        """From a checkpoint folder holding ``vocab.json`` and ``merges.txt`` (the hub checkpoints), or else
+        ``tokenizer.json`` (a transformers 5 ``save_pretrained`` folder)."""
         paths = [os.path.join(folder, name) for name in ("vocab.json", "merges.txt")]
-        missing = [p for p in paths if not os.path.isfile(p)]
-        if missing:
-            raise FileNotFoundError(f"CLIP tokenizer files not found: {missing}")
-        return cls.from_files(*paths, **kwargs)
+        if all(os.path.isfile(p) for p in paths):
+            return cls.from_files(*paths, **kwargs)
+        if os.path.isfile(os.path.join(folder, "tokenizer.json")):
+            return cls.from_tokenizer_json(os.path.join(folder, "tokenizer.json"), **kwargs)
+        raise FileNotFoundError(f"CLIP tokenizer files not found in {os.fspath(folder)!r}: vocab.json + merges.txt "
+                                "or tokenizer.json")
 
     # ------------------------------------------------------------------ encoding
     def _bpe(self, word: str) -> list[int]:

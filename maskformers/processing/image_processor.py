@@ -191,7 +191,8 @@ class ImageProcessor:
             config.setdefault("do_reduce_labels", config.pop("reduce_labels"))
         if config.pop("do_convert_rgb", True) is False:
             raise ValueError("do_convert_rgb=False is not supported: images are always converted to RGB")
-        unknown = sorted(set(config) - _IGNORED_KEYS - set(cls.__init__.__kwdefaults__))
+        known = set().union(*(getattr(c.__init__, "__kwdefaults__", None) or {} for c in cls.__mro__))
+        unknown = sorted(set(config) - _IGNORED_KEYS - known)
         if unknown:
             raise ValueError(f"unknown preprocessor config keys: {unknown}")
         return cls(**{k: v for k, v in config.items() if k not in _IGNORED_KEYS})
