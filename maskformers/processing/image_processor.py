@@ -268,6 +268,11 @@ class ImageProcessor:
             if height == 0 or width == 0:
                 raise ValueError(f"image {len(processed)} is empty: size {(height, width)}")
             out_size = self.output_size(height, width)
+            if min(out_size) < 1:  # before F.interpolate fails on it
+                raise ValueError(
+                    f"image {len(processed)} of size {(height, width)} (height, width) is too thin to process: "
+                    f"size {self.size} would resize it to {out_size}"
+                )
             resized = _resize(rgb, out_size, mode)
             processed.append(self._normalize(resized))
             original_sizes.append((height, width))
