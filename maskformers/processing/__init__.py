@@ -6,7 +6,8 @@ from .clip_tokenizer import CLIPTokenizer
 from .image_processor import ImageProcessor
 from .io import ImageLoadError, load_image, to_rgb_tensor
 from .oneformer_processor import OneFormerProcessor, segmentation_map_to_masks
-from .postprocess import post_process_instance, post_process_panoptic, post_process_semantic, valid_region_logits
+from .postprocess import post_process_instance, post_process_panoptic, post_process_semantic
+from .resample import valid_region_logits
 
 __all__ = [
     "CLIPTokenizer",
