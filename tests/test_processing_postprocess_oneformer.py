@@ -41,7 +41,8 @@ def _structured(seed, batch=2, queries=24, classes=5, size=MASK, peak=6.0):
 
 def _random(seed, batch=2, queries=16, classes=7):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, queries, classes + 1, generator=g) * 3, torch.randn(batch, queries, *MASK, generator=g) * 4
+    class_logits = torch.randn(batch, queries, classes + 1, generator=g) * 3
+    return class_logits, torch.randn(batch, queries, *MASK, generator=g) * 4
 
 
 def _outputs(class_logits, mask_logits):

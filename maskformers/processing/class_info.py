@@ -86,7 +86,9 @@ def load_class_info(source: ClassInfo | Mapping[str, Any] | str | os.PathLike) -
     entries = [source[str(i)] for i in ids]
     bad = [i for i, e in zip(ids, entries) if not isinstance(e, Mapping) or "name" not in e or "isthing" not in e]
     if bad:
-        raise ValueError(f"{where}: classes {bad[:10]} lack 'name' or 'isthing' (expected {{'name': str, 'isthing': 0|1}})")
+        raise ValueError(
+            f"{where}: classes {bad[:10]} lack 'name' or 'isthing' (expected {{'name': str, 'isthing': 0|1}})"
+        )
     return ClassInfo(
         names=tuple(str(e["name"]) for e in entries),
         thing_ids=frozenset(i for i, e in zip(ids, entries) if e["isthing"]),

@@ -240,4 +240,5 @@ class CLIPTokenizer:
         return out
 
     def __repr__(self) -> str:
-        return f"CLIPTokenizer(vocab_size={len(self.vocab)}, merges={len(self.ranks)}, context_length={self.context_length})"
+        return (f"CLIPTokenizer(vocab_size={len(self.vocab)}, merges={len(self.ranks)}, "
+                f"context_length={self.context_length})")
