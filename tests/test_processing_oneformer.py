@@ -212,7 +212,7 @@ def test_segmentation_map_to_masks():
     assert labels.tolist() == [0, 3, 7] and masks.dtype == torch.bool
     assert masks.sum((1, 2)).tolist() == [2, 2, 1] and not masks[:, 1, 1].any()
     masks, labels = segmentation_map_to_masks(label_map, ignore_index=255, do_reduce_labels=True)
-    assert labels.tolist() == [2, 6] and masks.sum().item() == 3
+    assert labels.tolist() == [2, 6, 254] and masks.sum().item() == 4  # 0 -> ignored; 255 shifts too (transformers)
     _, labels = segmentation_map_to_masks(label_map, instance_id_to_semantic_id={0: 5, 3: 1, 7: 1, 255: 0})
     assert labels.tolist() == [5, 1, 1, 0]
     with pytest.raises(ValueError, match=r"instance ids \[7\]"):
@@ -246,10 +246,11 @@ def test_class_info_layouts_and_errors(tmp_path):
 
 def test_bad_inputs(tokenizer):
     ours = OneFormerProcessor(tokenizer=tokenizer, class_info=DATA / "cityscapes_panoptic.json", num_text=4,
-                              size={"shortest_edge": 32, "longest_edge": 64})
+                              size={"shortest_edge": 32, "longest_edge": 64}, ignore_index=255)
     images = _images(SHAPES[:2])
     cases = [
-        (dict(tasks="depth"), r"tasks must be among \('semantic', 'instance', 'panoptic'\), got \['depth'\]"),
+        (dict(tasks="depth"), r"tasks must be among \('semantic', 'instance', 'panoptic'\), got 'depth'$"),
+        (dict(tasks=["semantic", 3]), r"got 3$"),
         (dict(tasks=["semantic"]), "expected one task or 2"),
         (dict(segmentation_maps=_maps(SHAPES[:1], 19)), "expected 2 segmentation maps"),
         (dict(segmentation_maps=_maps([SHAPES[0], SHAPES[0]], 19)), r"segmentation map 1 is \(120, 160\), its image"),

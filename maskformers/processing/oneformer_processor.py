@@ -80,7 +80,8 @@ def segmentation_map_to_masks(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(H, W) integer map -> ``masks`` (N, H, W) bool, one per id present in increasing id order
     (``ignore_index`` left out), and ``labels`` (N,) int64: the id itself, or its class through
-    ``instance_id_to_semantic_id``. ``do_reduce_labels``: id 0 becomes ``ignore_index``, the others id - 1."""
+    ``instance_id_to_semantic_id``. ``do_reduce_labels``: id 0 becomes ``ignore_index``, every other id
+    (``ignore_index`` itself included, as in transformers' OneFormer) becomes id - 1."""
     if do_reduce_labels:
         if ignore_index is None:
             raise ValueError("do_reduce_labels=True needs ignore_index (the id that 0 becomes)")
@@ -223,9 +224,9 @@ class OneFormerProcessor(ImageProcessor):
     def task_inputs(self, tasks: str | Sequence[str], batch: int | None = None) -> torch.Tensor:
         """(B, task_seq_length) int64 ids of ``f"the task is {task}"``; one task broadcast to ``batch``."""
         tasks = [tasks] * (batch or 1) if isinstance(tasks, str) else list(tasks)
-        bad = [t for t in tasks if t not in TASKS]
+        bad = sorted({repr(t) for t in tasks if t not in TASKS})
         if bad or not tasks:
-            raise ValueError(f"tasks must be among {TASKS}, got {bad or tasks}")
+            raise ValueError(f"tasks must be among {TASKS}, got {', '.join(bad) or 'none'}")
         if batch is not None and len(tasks) != batch:
             raise ValueError(f"expected one task or {batch} (one per image), got {len(tasks)}")
         return self._tokenize([f"the task is {task}" for task in tasks], self.task_seq_length)
