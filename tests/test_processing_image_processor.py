@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import PIL.Image
@@ -232,3 +233,20 @@ def test_cuda_matches_transformers_on_cuda(resample):
     ours = ImageProcessor(**config)(images, device="cuda")
     ref = Mask2FormerImageProcessor(**config)(images, return_tensors="pt", device="cuda")
     _assert_same(ours, ref)
+
+
+@pytest.mark.parametrize("shape", [(1, 3000), (3000, 1), (2, 6000)])
+def test_too_thin_images_are_refused_before_resizing(shape):
+    """The DETR rule caps the long side, which rounds the short side of a 1x3000 image to 0 pixels; the
+    processor names the image, its size and the size it would get instead of failing in F.interpolate."""
+    image = np.zeros((*shape, 3), np.uint8)
+    processor = ImageProcessor()  # shortest 800 / longest 1333
+    out = processor.output_size(*shape)
+    assert min(out) == 0
+    message = re.escape(f"image 1 of size {shape} (height, width) is too thin") + ".*" + re.escape(str(out))
+    with pytest.raises(ValueError, match=message):
+        processor([np.zeros((20, 30, 3), np.uint8), image])
+    wide_enough = np.zeros((3, 3000, 3), np.uint8)  # 3 * 1333 / 3000 = 1.33 -> 1 row: representable
+    assert processor(wide_enough)["image_sizes"].tolist() == [[32, 1344]]  # 1 x 1333, rounded up to 32
+    fixed = ImageProcessor(size={"height": 384, "width": 384})(image)  # a fixed size stretches any image
+    assert fixed["pixel_values"].shape == (1, 3, 384, 384)

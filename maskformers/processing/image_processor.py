@@ -191,7 +191,8 @@ class ImageProcessor:
             config.setdefault("do_reduce_labels", config.pop("reduce_labels"))
         if config.pop("do_convert_rgb", True) is False:
             raise ValueError("do_convert_rgb=False is not supported: images are always converted to RGB")
-        unknown = sorted(set(config) - _IGNORED_KEYS - set(cls.__init__.__kwdefaults__))
+        known = set().union(*(getattr(c.__init__, "__kwdefaults__", None) or {} for c in cls.__mro__))
+        unknown = sorted(set(config) - _IGNORED_KEYS - known)
         if unknown:
             raise ValueError(f"unknown preprocessor config keys: {unknown}")
         return cls(**{k: v for k, v in config.items() if k not in _IGNORED_KEYS})
@@ -267,6 +268,11 @@ class ImageProcessor:
             if height == 0 or width == 0:
                 raise ValueError(f"image {len(processed)} is empty: size {(height, width)}")
             out_size = self.output_size(height, width)
+            if min(out_size) < 1:  # before F.interpolate fails on it
+                raise ValueError(
+                    f"image {len(processed)} of size {(height, width)} (height, width) is too thin to process: "
+                    f"size {self.size} would resize it to {out_size}"
+                )
             resized = _resize(rgb, out_size, mode)
             processed.append(self._normalize(resized))
             original_sizes.append((height, width))

@@ -1,39 +1,55 @@
-"""Mask2Former post-processing: semantic, instance and panoptic segmentation from the raw head outputs.
+"""Semantic, instance and panoptic segmentation from the raw head outputs of Mask2Former and OneFormer.
 
 Inputs are plain tensors: ``class_logits`` (B, Q, K+1) (last column = "no object") and ``mask_logits``
-(B, Q, h, w) at 1/4 of the padded input size ``input_size`` = (H, W); float16/bfloat16 logits are
-processed in float32.
+(B, Q, h, w) at 1/4 of the padded input size ``input_size`` = (H, W); image i fills the top-left
+``image_sizes[i]`` of the input and is wanted at ``target_sizes[i]`` (default: its valid size);
+float16/bfloat16 logits are processed in float32. ``model`` picks the rules of one model family:
 
-Geometry (that of the original detectron2 Mask2Former): the mask logits are upsampled bilinearly to the
-padded input size, each image's valid region ``image_sizes[i]`` = (h_i, w_i) (top-left, the rest is padding)
-is cropped, and the result is resized to ``target_sizes[i]`` (usually the original image size; default: the
-valid size). transformers instead upsamples to a hard-coded 384x384 and resizes that whole canvas, padding
-included; for a 384x384 input with no padding both agree exactly, which is how
-tests/test_processing_postprocess.py checks parity. Within that geometry each task follows transformers'
-order of operations and thresholds:
+- ``"mask2former"``: the geometry of the original detectron2 code (``resample.MapGeometry`` with
+  ``at_input``): mask logits upsampled to the padded input, the image cropped, resized to the target.
+  transformers instead upsamples to a hard-coded 384x384 and resizes that canvas, padding included; for a
+  384x384 input with no padding both are the same computation, which is how the parity tests check it.
+- ``"oneformer"``: transformers' OneFormer rules: no upsampling to the input (no 384 step); sigmoid and the
+  semantic class mixture at mask resolution, then one antialiased bilinear resize to the target, of the part
+  of the mask grid covering the image (transformers resizes the whole grid: padded batches differ on
+  purpose, unpadded images are the same call). Instance segmentation is its own algorithm (below).
 
-- semantic: per-pixel class scores ``sum_q softmax(class)[q, :K] * sigmoid(mask)[q]`` on the valid region,
-  bilinearly resized to the target, then argmax;
-- instance: the top-Q (query, class) pairs by class probability; score = class probability x mean mask
-  probability inside the mask (logit > 0); masks binarized, then nearest-resized; ids 0, 1, ... in top-k
-  order, -1 = no instance, later instances drawn over earlier ones;
+The rules per task (both models unless said):
+
+- semantic: per-pixel class scores ``sum_q softmax(class)[q, :K] * sigmoid(mask)[q]``, resized, argmax;
+- instance, Mask2Former: the top-Q (query, class) pairs by class probability; score = class probability x
+  mean mask probability inside the mask (logit > 0); kept when score >= ``threshold``; masks binarized, then
+  nearest-resized; ids 0, 1, ... in top-k order, -1 = no instance, later instances drawn over earlier ones;
+- instance, OneFormer: the top-Q (query, class) pairs, kept when the class probability > ``threshold``
+  (``None``: all, transformers' ``is_demo=False``), then segments decided as in panoptic but from the raw
+  mask *logits* weighted by the class probability (transformers' rule); ids from 1, 0 = none;
 - panoptic: queries whose best class is an object with probability > ``threshold``; mask probabilities
   resized to the target, weighted by the class probability, argmax over queries; a query becomes a segment
   when it wins some pixels and those are > ``overlap_mask_area_threshold`` of its own weighted-probability
-  >= ``mask_threshold`` area. Segment ids from 1; 0 = unassigned.
+  >= ``mask_threshold`` area. Segment ids from 1; 0 = unassigned (also when nothing is kept, where
+  transformers fills -1); fused labels share one id and one entry (transformers can reuse ids there).
+
+``thing_ids`` (instance) keeps only pairs with those labels: transformers' OneFormer filter when instances
+are read from a panoptic-task prediction (``ClassInfo.thing_ids``, see ``processing.class_info``).
+
+Memory grows with the target only through the maps returned and a few target-size buffers: everything that
+reaches target size is resized and reduced ``resample.CHUNK`` queries or classes at a time.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from .resample import MapGeometry, RunningArgmax, chunks, valid_region_logits
+
 __all__ = ["post_process_instance", "post_process_panoptic", "post_process_semantic", "valid_region_logits"]
 
 Sizes = Sequence[Sequence[int]] | torch.Tensor
+MODELS = ("mask2former", "oneformer")
 
 
 def _size_list(name: str, sizes: Sizes, batch: int) -> list[tuple[int, int]]:
@@ -58,9 +74,9 @@ def _check(
     input_size: Sequence[int],
     image_sizes: Sizes | None,
     target_sizes: Sizes | None,
-) -> tuple[tuple[int, int], list[tuple[int, int]], list[tuple[int, int]]]:
-    """Validate the shared arguments; returns (input_size, image_sizes, target_sizes) as int tuples.
-    Half-precision logits are computed on in float32 by the callers (``_at_least_float32``)."""
+    model: str,
+) -> list[MapGeometry]:
+    """Validate the shared arguments; one geometry per image."""
     if not isinstance(class_logits, torch.Tensor) or class_logits.dim() != 3:
         raise ValueError(f"expected class_logits (B, Q, K+1), got {getattr(class_logits, 'shape', type(class_logits))}")
     if not isinstance(mask_logits, torch.Tensor) or mask_logits.dim() != 4:
@@ -74,6 +90,8 @@ def _check(
         raise ValueError(f"class_logits needs K >= 1 classes plus 'no object', got K+1={class_logits.shape[2]}")
     if not (class_logits.is_floating_point() and mask_logits.is_floating_point()):
         raise TypeError(f"logits must be floating point, got {class_logits.dtype} and {mask_logits.dtype}")
+    if model not in MODELS:
+        raise ValueError(f"model must be one of {MODELS}, got {model!r}")
     (input_size,) = _size_list("input_size", [input_size], 1)
     batch = class_logits.shape[0]
     images = [input_size] * batch if image_sizes is None else _size_list("image_sizes", image_sizes, batch)
@@ -81,33 +99,15 @@ def _check(
     if outside:
         raise ValueError(f"image_sizes {outside} exceed the padded input_size {input_size}")
     targets = images if target_sizes is None else _size_list("target_sizes", target_sizes, batch)
-    return input_size, images, targets
+    return [
+        MapGeometry(input_size=input_size, image_size=image, target=target, at_input=model == "mask2former")
+        for image, target in zip(images, targets)
+    ]
 
 
 def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
     """float16/bfloat16 -> float32: thresholds, areas and argmaxes should not hinge on 8-bit mantissas."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-
-def valid_region_logits(
-    mask_logits: torch.Tensor, input_size: Sequence[int], image_size: Sequence[int]
-) -> torch.Tensor:
-    """One image's mask logits (Q, h, w) -> (Q, h_i, w_i): bilinear upsample to the padded ``input_size``,
-    then crop the valid top-left ``image_size``.
-
-    The whole canvas is interpolated even when the crop is small: interpolating only the needed rows and
-    columns gives the same values up to 1 ulp (the CPU kernel's vector/tail split moves with the output
-    size), and bit-identical results are worth more here than the memory."""
-    (h, w) = image_size
-    up = F.interpolate(mask_logits.unsqueeze(0), size=tuple(input_size), mode="bilinear", align_corners=False)
-    return up[0, :, :h, :w]
-
-
-def _resize_bilinear(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(N, h, w) -> (N, *size); a no-op at the same size (bilinear at scale 1 is the identity)."""
-    if tuple(x.shape[-2:]) == size:
-        return x
-    return F.interpolate(x.unsqueeze(0), size=size, mode="bilinear", align_corners=False)[0]
 
 
 def post_process_semantic(
@@ -118,66 +118,79 @@ def post_process_semantic(
     image_sizes: Sizes | None = None,
     target_sizes: Sizes | None = None,
     return_scores: bool = False,
+    model: str = "mask2former",
 ) -> list[torch.Tensor] | list[dict[str, torch.Tensor]]:
     """Per image a (H_t, W_t) int64 class map; with ``return_scores`` a dict with it as ``segmentation``
     and the (K, H_t, W_t) class scores as ``scores``."""
-    input_size, image_sizes, target_sizes = _check(class_logits, mask_logits, input_size, image_sizes, target_sizes)
+    geometries = _check(class_logits, mask_logits, input_size, image_sizes, target_sizes, model)
     class_logits, mask_logits = _at_least_float32(class_logits), _at_least_float32(mask_logits)
     class_probs = class_logits.softmax(dim=-1)[..., :-1]  # (B, Q, K)
+    num_classes = class_probs.shape[-1]
     results: list[Any] = []
-    for i, (image_size, target) in enumerate(zip(image_sizes, target_sizes)):
-        mask_probs = valid_region_logits(mask_logits[i], input_size, image_size).sigmoid()  # (Q, h_i, w_i)
-        scores = torch.einsum("qc,qhw->chw", class_probs[i], mask_probs)  # (K, h_i, w_i)
-        scores = _resize_bilinear(scores, target)
-        segmentation = scores.argmax(dim=0)
-        results.append({"segmentation": segmentation, "scores": scores} if return_scores else segmentation)
+    for i, geometry in enumerate(geometries):
+        mask_probs = geometry.working(mask_logits[i]).sigmoid()  # (Q, h', w')
+        scores = torch.einsum("qc,qhw->chw", class_probs[i], mask_probs)  # (K, h', w')
+        del mask_probs
+        all_scores = torch.empty((num_classes, *geometry.target), device=scores.device) if return_scores else None
+        argmax = RunningArgmax()
+        for part, resized in geometry.chunked(num_classes, lambda part: scores[part]):
+            if all_scores is not None:
+                all_scores[part] = resized
+            argmax.update(resized, part.start)
+            del resized  # before the next chunk is made
+        segmentation = argmax.index
+        results.append({"segmentation": segmentation, "scores": all_scores} if return_scores else segmentation)
     return results
 
 
-def post_process_instance(
-    class_logits: torch.Tensor,
-    mask_logits: torch.Tensor,
+def _count_at_least(maps: torch.Tensor, threshold: float, buffer: torch.Tensor) -> torch.Tensor:
+    """(c, H, W) -> (c,) int64 counts of values >= threshold, one plane at a time through ``buffer`` (H, W)
+    bool: a (c, H, W) comparison summed at once would make a (c, H, W) int64 copy."""
+    return torch.stack([torch.count_nonzero(torch.ge(plane, threshold, out=buffer)) for plane in maps])
+
+
+def _segments(
+    geometry: MapGeometry,
+    make_maps: Callable[[slice], torch.Tensor],
+    scores: torch.Tensor,
+    labels: torch.Tensor,
     *,
-    input_size: Sequence[int],
-    image_sizes: Sizes | None = None,
-    target_sizes: Sizes | None = None,
-    threshold: float = 0.5,
-    return_masks: bool = False,
-) -> list[dict[str, Any]]:
-    """Per image ``{"segmentation": (H_t, W_t) int32 instance ids (-1 none), "segments_info": [{"id",
-    "label_id", "was_fused", "score"}], "masks": (N, H_t, W_t) bool (with return_masks; may overlap)}``."""
-    input_size, image_sizes, target_sizes = _check(class_logits, mask_logits, input_size, image_sizes, target_sizes)
-    class_logits, mask_logits = _at_least_float32(class_logits), _at_least_float32(mask_logits)
-    num_queries, num_classes = class_logits.shape[1], class_logits.shape[2] - 1
-    results = []
-    for i, (image_size, target) in enumerate(zip(image_sizes, target_sizes)):
-        logits = valid_region_logits(mask_logits[i], input_size, image_size)  # (Q, h_i, w_i)
-        class_probs = class_logits[i].softmax(dim=-1)[:, :-1]  # (Q, K)
-        top_scores, top_index = class_probs.flatten().topk(num_queries, sorted=False)
-        labels, queries = top_index % num_classes, top_index // num_classes
-        binary = (logits > 0).flatten(1)  # (Q, h_i * w_i)
-        mask_scores = (logits.sigmoid().flatten(1) * binary).sum(1) / (binary.sum(1) + 1e-6)  # (Q,)
-        scores = top_scores * mask_scores[queries]
-        keep = (scores.double() >= threshold).nonzero().flatten()  # compared as Python floats, like transformers
-        masks = binary[queries[keep]].view(-1, *image_size)
-        if tuple(masks.shape[-2:]) != target and len(keep):
-            masks = F.interpolate(masks.unsqueeze(0).to(torch.uint8), size=target, mode="nearest")[0].bool()
-        nonempty = masks.flatten(1).any(1)
-        keep, masks = keep[nonempty], masks[nonempty]  # (N,), (N, H_t, W_t)
-        segmentation = torch.full(target, -1, dtype=torch.int32, device=logits.device)
-        if len(keep):
-            # the last instance covering a pixel wins: argmax over the flipped stack finds it
-            last = len(keep) - 1 - masks.flip(0).to(torch.uint8).argmax(dim=0)
-            segmentation = torch.where(masks.any(0), last.to(torch.int32), segmentation)
-        info = [
-            {"id": n, "label_id": int(label), "was_fused": False, "score": round(float(score), 6)}
-            for n, (label, score) in enumerate(zip(labels[keep].tolist(), scores[keep].tolist()))
-        ]
-        result = {"segmentation": segmentation, "segments_info": info}
-        if return_masks:
-            result["masks"] = masks
-        results.append(result)
-    return results
+    mask_threshold: float,
+    overlap_mask_area_threshold: float,
+    fuse: set[int],
+) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+    """Non-overlapping segments from N candidate maps (``make_maps(part)`` -> fresh working-resolution maps
+    of candidates ``part``): each pixel goes to the candidate with the largest score-weighted map; a
+    candidate becomes a segment when it keeps > ``overlap_mask_area_threshold`` of its own weighted map >=
+    ``mask_threshold``. Returns the (H_t, W_t) int32 map (ids from 1, 0 = none) and the segment entries."""
+    argmax = RunningArgmax()
+    own_area = torch.empty(len(scores), dtype=torch.int64, device=scores.device)
+    above = torch.empty(geometry.target, dtype=torch.bool, device=scores.device)  # reused for every plane
+    for part, weighted in geometry.chunked(len(scores), make_maps):  # (c, H_t, W_t)
+        weighted *= scores[part, None, None]
+        own_area[part] = _count_at_least(weighted, mask_threshold, above)
+        argmax.update(weighted, part.start)
+        del weighted
+    winner = argmax.index  # (H_t, W_t) index into the candidates
+    area = torch.bincount(winner.flatten(), minlength=len(scores))
+    ratio = torch.true_divide(area, own_area).double()  # float32 ratio compared as a Python float
+    is_segment = ((area > 0) & (own_area > 0) & (ratio > overlap_mask_area_threshold)).tolist()
+
+    segment_of = [0] * len(scores)
+    info: list[dict[str, Any]] = []
+    fused_ids: dict[int, int] = {}
+    for k, (label, score) in enumerate(zip(labels.tolist(), scores.tolist())):
+        if not is_segment[k]:
+            continue
+        if label in fused_ids:
+            segment_of[k] = fused_ids[label]
+            continue
+        segment_of[k] = len(info) + 1
+        info.append({"id": len(info) + 1, "label_id": label, "was_fused": label in fuse, "score": round(score, 6)})
+        if label in fuse:
+            fused_ids[label] = segment_of[k]
+    lookup = torch.tensor(segment_of, dtype=torch.int32, device=winner.device)
+    return lookup[winner], info
 
 
 def post_process_panoptic(
@@ -191,44 +204,132 @@ def post_process_panoptic(
     mask_threshold: float = 0.5,
     overlap_mask_area_threshold: float = 0.8,
     label_ids_to_fuse: Iterable[int] | None = None,
+    model: str = "mask2former",
 ) -> list[dict[str, Any]]:
     """Per image ``{"segmentation": (H_t, W_t) int32 segment ids (0 = unassigned), "segments_info":
     [{"id", "label_id", "was_fused", "score"}]}``; all segments of a label in ``label_ids_to_fuse`` share
-    one id (and one entry, with the first segment's score)."""
-    input_size, image_sizes, target_sizes = _check(class_logits, mask_logits, input_size, image_sizes, target_sizes)
+    one id (and one entry, with the first segment's score). OneFormer's original code fuses every stuff
+    class (``ClassInfo.stuff_ids``)."""
+    geometries = _check(class_logits, mask_logits, input_size, image_sizes, target_sizes, model)
     class_logits, mask_logits = _at_least_float32(class_logits), _at_least_float32(mask_logits)
     fuse = set() if label_ids_to_fuse is None else {int(label) for label in label_ids_to_fuse}
     num_classes = class_logits.shape[2] - 1
     all_scores, all_labels = class_logits.softmax(dim=-1).max(dim=-1)  # (B, Q) each
     results = []
-    for i, (image_size, target) in enumerate(zip(image_sizes, target_sizes)):
-        keep = (all_labels[i] != num_classes) & (all_scores[i] > threshold)
-        segmentation = torch.zeros(target, dtype=torch.int32, device=mask_logits.device)
-        if not bool(keep.any()):
+    for i, geometry in enumerate(geometries):
+        keep = ((all_labels[i] != num_classes) & (all_scores[i] > threshold)).nonzero().flatten()
+        if len(keep) == 0:
+            segmentation = torch.zeros(geometry.target, dtype=torch.int32, device=mask_logits.device)
             results.append({"segmentation": segmentation, "segments_info": []})
             continue
-        scores, labels = all_scores[i][keep], all_labels[i][keep]  # (N,)
-        probs = valid_region_logits(mask_logits[i][keep], input_size, image_size).sigmoid()  # (N, h_i, w_i)
-        weighted = _resize_bilinear(probs, target) * scores[:, None, None]  # (N, H_t, W_t)
-        winner = weighted.argmax(dim=0)  # (H_t, W_t) index into the kept queries
-        area = torch.bincount(winner.flatten(), minlength=len(scores))
-        own_area = (weighted >= mask_threshold).flatten(1).sum(1)
-        ratio = torch.true_divide(area, own_area).double()  # float32 ratio compared as a Python float
-        is_segment = ((area > 0) & (own_area > 0) & (ratio > overlap_mask_area_threshold)).tolist()
-
-        segment_of_query = [0] * len(scores)
-        info: list[dict[str, Any]] = []
-        fused_ids: dict[int, int] = {}
-        for k, (label, score) in enumerate(zip(labels.tolist(), scores.tolist())):
-            if not is_segment[k]:
-                continue
-            if label in fused_ids:
-                segment_of_query[k] = fused_ids[label]
-                continue
-            segment_of_query[k] = len(info) + 1
-            info.append({"id": len(info) + 1, "label_id": label, "was_fused": label in fuse, "score": round(score, 6)})
-            if label in fuse:
-                fused_ids[label] = segment_of_query[k]
-        lookup = torch.tensor(segment_of_query, dtype=torch.int32, device=segmentation.device)
-        results.append({"segmentation": lookup[winner], "segments_info": info})
+        kept_logits = mask_logits[i][keep]  # (N, h, w)
+        segmentation, info = _segments(
+            geometry, lambda part: geometry.working(kept_logits[part]).sigmoid(), all_scores[i][keep],
+            all_labels[i][keep], mask_threshold=mask_threshold,
+            overlap_mask_area_threshold=overlap_mask_area_threshold, fuse=fuse,
+        )
+        results.append({"segmentation": segmentation, "segments_info": info})
     return results
+
+
+def _top_pairs(class_logits: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """One image's top-Q (query, class) pairs by class probability, in ``topk(sorted=False)`` order as
+    transformers takes them: (scores, labels, queries)."""
+    num_queries, num_classes = class_logits.shape[0], class_logits.shape[1] - 1
+    class_probs = class_logits.softmax(dim=-1)[:, :-1]  # (Q, K)
+    scores, index = class_probs.flatten().topk(num_queries, sorted=False)
+    return scores, index % num_classes, index // num_classes
+
+
+def _thing_mask(labels: torch.Tensor, things: set[int] | None) -> torch.Tensor:
+    if things is None:
+        return torch.ones_like(labels, dtype=torch.bool)
+    return torch.tensor([int(label) in things for label in labels.tolist()], dtype=torch.bool, device=labels.device)
+
+
+def post_process_instance(
+    class_logits: torch.Tensor,
+    mask_logits: torch.Tensor,
+    *,
+    input_size: Sequence[int],
+    image_sizes: Sizes | None = None,
+    target_sizes: Sizes | None = None,
+    threshold: float | None = 0.5,
+    return_masks: bool = False,
+    model: str = "mask2former",
+    thing_ids: Iterable[int] | None = None,
+    mask_threshold: float = 0.5,
+    overlap_mask_area_threshold: float = 0.8,
+) -> list[dict[str, Any]]:
+    """Per image ``{"segmentation": (H_t, W_t) int32 instance ids, "segments_info": [{"id", "label_id",
+    "was_fused", "score"}], "masks": (N, H_t, W_t) bool (with return_masks)}``. Mask2Former: ids from 0,
+    -1 = none, masks may overlap. OneFormer: ids from 1, 0 = none, masks are the segments (no overlap);
+    ``mask_threshold`` and ``overlap_mask_area_threshold`` apply to OneFormer only."""
+    geometries = _check(class_logits, mask_logits, input_size, image_sizes, target_sizes, model)
+    class_logits, mask_logits = _at_least_float32(class_logits), _at_least_float32(mask_logits)
+    if threshold is None and model == "mask2former":
+        raise ValueError("threshold=None (keep every top-k pair) is OneFormer's is_demo=False; use threshold=0.0")
+    things = None if thing_ids is None else {int(label) for label in thing_ids}
+    results = []
+    for i, geometry in enumerate(geometries):
+        if model == "oneformer":
+            result = _instance_oneformer(class_logits[i], mask_logits[i], geometry, threshold, things,
+                                         mask_threshold, overlap_mask_area_threshold)
+        else:
+            result = _instance_mask2former(class_logits[i], mask_logits[i], geometry, threshold, things, return_masks)
+        if return_masks and model == "oneformer":
+            ids = torch.tensor([e["id"] for e in result["segments_info"]], dtype=torch.int32)
+            result["masks"] = result["segmentation"][None] == ids.to(result["segmentation"].device)[:, None, None]
+        results.append(result)
+    return results
+
+
+def _instance_oneformer(class_logits, mask_logits, geometry, threshold, things, mask_threshold, overlap):
+    scores, labels, queries = _top_pairs(class_logits)
+    keep = torch.ones_like(scores, dtype=torch.bool) if threshold is None else scores > threshold
+    keep &= _thing_mask(labels, things)
+    scores, labels, queries = scores[keep], labels[keep], queries[keep]
+    if len(scores) == 0:
+        segmentation = torch.zeros(geometry.target, dtype=torch.int32, device=mask_logits.device)
+        return {"segmentation": segmentation, "segments_info": []}
+    segmentation, info = _segments(
+        geometry, lambda part: geometry.working(mask_logits[queries[part]]), scores, labels,
+        mask_threshold=mask_threshold, overlap_mask_area_threshold=overlap, fuse=set(),
+    )
+    return {"segmentation": segmentation, "segments_info": info}
+
+
+def _instance_mask2former(class_logits, mask_logits, geometry, threshold, things, return_masks):
+    top_scores, labels, queries = _top_pairs(class_logits)
+    logits = geometry.working(mask_logits)  # (Q, h_i, w_i) at input resolution
+    binary = logits > 0
+    mask_probs = logits.sigmoid_().flatten(1).mul_(binary.flatten(1))  # logits no longer needed: in place
+    mask_scores = mask_probs.sum(1) / (binary.flatten(1).sum(1) + 1e-6)  # (Q,)
+    del logits, mask_probs
+    scores = top_scores * mask_scores[queries]
+    keep = (scores.double() >= threshold) & _thing_mask(labels, things)  # compared as Python floats, like transformers
+    keep = keep.nonzero().flatten()
+    kept_masks = binary[queries[keep]]  # (N, h_i, w_i)
+    target = geometry.target
+    segmentation = torch.full(target, -1, dtype=torch.int32, device=kept_masks.device)
+    next_id, parts = 0, []
+    for part in chunks(len(keep)):
+        masks = kept_masks[part]
+        if tuple(masks.shape[-2:]) != target:
+            masks = F.interpolate(masks.unsqueeze(0).to(torch.uint8), size=target, mode="nearest")[0].bool()
+        present = masks.flatten(1).any(1)  # a tiny mask can vanish when shrunk
+        for mask, is_present in zip(masks, present.tolist()):  # later instances are drawn over earlier ones
+            if is_present:
+                segmentation.masked_fill_(mask, next_id)
+                next_id += 1
+        parts.append((keep[part][present], masks[present] if return_masks else None))
+    keep = torch.cat([k for k, _ in parts]) if parts else keep
+    info = [
+        {"id": n, "label_id": int(label), "was_fused": False, "score": round(float(score), 6)}
+        for n, (label, score) in enumerate(zip(labels[keep].tolist(), scores[keep].tolist()))
+    ]
+    result = {"segmentation": segmentation, "segments_info": info}
+    if return_masks:
+        empty = torch.zeros((0, *target), dtype=torch.bool, device=segmentation.device)
+        result["masks"] = torch.cat([m for _, m in parts]) if parts else empty
+    return result

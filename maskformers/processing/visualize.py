@@ -1,25 +1,32 @@
-"""Drawing segmentations: colour overlays with a legend, and the raw segmentation as a PNG.
+"""Drawing segmentations: colour overlays with region outlines, id tags and a legend; the raw map as a PNG.
 
 Colours are a fixed function of the segment's key (its label for semantic maps, its id otherwise), so the
-same class keeps its colour across images of a semantic run.
+same class keeps its colour across images of a semantic run. An overlay lists only the segments that are
+visible (own at least one pixel of the map; an instance drawn over completely is left out), outlines each
+region and writes its id on it, so a legend row ``id label score`` can be matched to its region. Text uses
+Pillow's scalable default font at a size that follows the image (Pillow's bitmap font where Pillow was built
+without FreeType); the legend wraps into columns beside the image instead of growing below it.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import PIL.Image
 import PIL.ImageDraw
+import PIL.ImageFilter
 import PIL.ImageFont
 import torch
 
 from .io import to_rgb_tensor
 
-__all__ = ["color_for", "overlay_segments", "segmentation_to_png"]
+__all__ = ["color_for", "font_size_for", "legend_rows", "overlay_segments", "region_anchors", "segmentation_to_png"]
 
 _GOLDEN = 0.6180339887498949
+_MAX_LABEL = 32  # characters of a legend label before it is cut with "..."
 
 
 def color_for(key: int) -> tuple[int, int, int]:
@@ -49,6 +56,74 @@ def segmentation_to_png(segmentation: torch.Tensor, *, offset: int = 0) -> PIL.I
     return PIL.Image.fromarray(array.astype(np.uint16))  # mode "I;16"
 
 
+def font_size_for(height: int, width: int) -> int:
+    """Legend text size in pixels for an image: ~2.2% of its short side, between 11 and 64."""
+    return int(min(64, max(11, round(0.022 * min(height, width)))))
+
+
+def _font(size: int) -> PIL.ImageFont.ImageFont | PIL.ImageFont.FreeTypeFont:
+    try:
+        return PIL.ImageFont.load_default(size=size)  # scalable (Pillow >= 10.1 with FreeType)
+    except (TypeError, ImportError, OSError):
+        return PIL.ImageFont.load_default()
+
+
+def _colour_key(segment: Mapping[str, Any]) -> int:
+    return int(segment.get("colour_key", segment["id"]))
+
+
+def _visible(segmentation: np.ndarray, segments: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    present = set(np.unique(segmentation).tolist())
+    return [s for s in segments if int(s["id"]) in present]
+
+
+def legend_rows(
+    segmentation: torch.Tensor | np.ndarray,
+    segments: Sequence[Mapping[str, Any]],
+    id2label: Mapping[int, str] | None = None,
+) -> list[tuple[int, tuple[int, int, int], str]]:
+    """The legend of an overlay: (segment id, colour, "id label score") for each segment that owns at least
+    one pixel of ``segmentation``, in the order of ``segments``."""
+    seg = segmentation.cpu().numpy() if isinstance(segmentation, torch.Tensor) else np.asarray(segmentation)
+    id2label = id2label or {}
+    rows = []
+    for segment in _visible(seg, segments):
+        label = id2label.get(int(segment["label_id"]), f"class {segment['label_id']}")
+        if len(label) > _MAX_LABEL:
+            label = label[: _MAX_LABEL - 3] + "..."
+        score = segment.get("score")
+        text = f"{segment['id']}  {label}" + ("" if score is None else f"  {score:.2f}")
+        rows.append((int(segment["id"]), color_for(_colour_key(segment)), text))
+    return rows
+
+
+def region_anchors(
+    segmentation: torch.Tensor | np.ndarray, ids: Sequence[int], *, grid: int = 256
+) -> dict[int, tuple[int, int]]:
+    """For each id, an (x, y) pixel inside its region, as far from the region's border as a ``grid``-sized
+    copy of the map shows (the place for its tag); regions too small for the copy get their pixel nearest
+    their centroid."""
+    from scipy.ndimage import distance_transform_edt  # only for overlays
+
+    seg = segmentation.cpu().numpy() if isinstance(segmentation, torch.Tensor) else np.asarray(segmentation)
+    height, width = seg.shape
+    step = max(1, math.ceil(max(height, width) / grid))
+    small = seg[step // 2 :: step, step // 2 :: step]  # nearest-neighbour thumbnail
+    anchors = {}
+    for segment_id in ids:
+        inside = small == segment_id
+        if inside.any():
+            distance = distance_transform_edt(np.pad(inside, 1))[1:-1, 1:-1]
+            y, x = np.unravel_index(int(distance.argmax()), distance.shape)
+            anchors[segment_id] = (int(x * step + step // 2), int(y * step + step // 2))
+            continue
+        ys, xs = np.nonzero(seg == segment_id)
+        if len(ys):
+            k = int(((ys - ys.mean()) ** 2 + (xs - xs.mean()) ** 2).argmin())
+            anchors[segment_id] = (int(xs[k]), int(ys[k]))
+    return anchors
+
+
 def overlay_segments(
     image: PIL.Image.Image | torch.Tensor,
     segmentation: torch.Tensor,
@@ -56,53 +131,91 @@ def overlay_segments(
     *,
     id2label: Mapping[int, str] | None = None,
     alpha: float = 0.55,
+    outline: bool = True,
+    tags: bool = True,
+    font_size: int | None = None,
 ) -> PIL.Image.Image:
-    """Blend one colour per segment over ``image`` and append a legend of the segments on the right.
+    """Blend one colour per visible segment over ``image``, outline the regions and tag them with their id,
+    and put a legend (in columns, no taller than the image) on the right.
 
     image: a PIL image or a (3, H, W) tensor on the 0..255 scale (converted like model inputs, see
-    :func:`maskformers.processing.to_rgb_tensor`); segmentation: (H, W) map of segment ids; segments: dicts with "id" and
-    "label_id" (and optionally "score"), one per id drawn. Pixels whose id is in no segment stay as is.
-    """
+    :func:`maskformers.processing.to_rgb_tensor`); segmentation: (H, W) map of segment ids; segments: dicts
+    with "id" and "label_id" (optionally "score" and "colour_key"). Pixels whose id is in no segment stay as
+    they are."""
     rgb = to_rgb_tensor(image)  # (3, H, W), 0..255
     if tuple(segmentation.shape) != tuple(rgb.shape[-2:]):
         raise ValueError(
             f"segmentation {tuple(segmentation.shape)} does not match the image size {tuple(rgb.shape[-2:])}"
         )
-    id2label = id2label or {}
-    base = rgb.permute(1, 2, 0).to(torch.float32).cpu().numpy()
     seg = segmentation.cpu().numpy()
+    height, width = seg.shape
+    size = font_size or font_size_for(height, width)
+    visible = _visible(seg, segments)
+    base = rgb.permute(1, 2, 0).to(torch.float32).cpu().numpy()
     painted = base.copy()
-    for segment in segments:
+    drawn = np.zeros(seg.shape, dtype=bool)
+    for segment in visible:
         where = seg == segment["id"]
         painted[where] = (1 - alpha) * base[where] + alpha * np.asarray(color_for(_colour_key(segment)), np.float32)
+        drawn |= where
+    if outline:
+        painted[_borders(seg, drawn, thickness=max(1, round(size / 12)))] = 255.0  # white lines between regions
     out = PIL.Image.fromarray(painted.round().clip(0, 255).astype(np.uint8))
-    return _with_legend(out, segments, id2label)
+    if tags:
+        _draw_tags(out, seg, visible, _font(size))
+    return _with_legend(out, legend_rows(seg, visible, id2label), _font(size), size)
 
 
-def _colour_key(segment: Mapping[str, Any]) -> int:
-    return int(segment.get("colour_key", segment["id"]))
+def _borders(seg: np.ndarray, drawn: np.ndarray, *, thickness: int) -> np.ndarray:
+    """Pixels of drawn regions next to a pixel of another id, grown to ``thickness``."""
+    edge = np.zeros(seg.shape, dtype=bool)
+    edge[:, 1:] |= seg[:, 1:] != seg[:, :-1]
+    edge[:, :-1] |= seg[:, 1:] != seg[:, :-1]
+    edge[1:, :] |= seg[1:, :] != seg[:-1, :]
+    edge[:-1, :] |= seg[1:, :] != seg[:-1, :]
+    edge &= drawn
+    if thickness > 1:
+        grown = PIL.Image.fromarray(edge.astype(np.uint8) * 255)
+        edge = (np.asarray(grown.filter(PIL.ImageFilter.MaxFilter(2 * (thickness // 2) + 1))) > 0) & drawn
+    return edge
 
 
-def _with_legend(image: PIL.Image.Image, segments: Sequence[Mapping[str, Any]], id2label: Mapping[int, str]):
-    font = PIL.ImageFont.load_default()
-    rows = []
+def _draw_tags(image: PIL.Image.Image, seg: np.ndarray, segments: Sequence[Mapping[str, Any]], font) -> None:
+    """A small box with the segment's id at each region's anchor."""
+    draw = PIL.ImageDraw.Draw(image)
+    anchors = region_anchors(seg, [int(s["id"]) for s in segments])
     for segment in segments:
-        label = id2label.get(int(segment["label_id"]), f"class {segment['label_id']}")
-        score = segment.get("score")
-        rows.append((color_for(_colour_key(segment)), label if score is None else f"{label} {score:.2f}"))
+        if int(segment["id"]) not in anchors:
+            continue
+        x, y = anchors[int(segment["id"])]
+        text = str(segment["id"])
+        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+        x, y = x - (left + right) // 2, y - (top + bottom) // 2  # centre the text on the anchor
+        pad = max(1, (bottom - top) // 5)
+        draw.rectangle([x + left - pad, y + top - pad, x + right + pad, y + bottom + pad], fill=(0, 0, 0),
+                       outline=color_for(_colour_key(segment)))
+        draw.text((x, y), text, fill=(255, 255, 255), font=font)
+
+
+def _with_legend(image: PIL.Image.Image, rows: list[tuple[int, tuple[int, int, int], str]], font, size: int):
+    """Columns of (swatch, text) rows right of the image; as many rows per column as the image height holds."""
     if not rows:
-        rows = [((128, 128, 128), "no segments")]
-    line, pad, swatch = 14, 6, 10
+        rows = [(-1, (128, 128, 128), "no segments")]
+    line, pad, swatch = round(size * 1.35), max(4, size // 2), size
+    per_column = max(1, (image.height - 2 * pad) // line)
+    columns = [rows[i : i + per_column] for i in range(0, len(rows), per_column)]
     measure = PIL.ImageDraw.Draw(image)
-    text_width = max(measure.textlength(text, font=font) for _, text in rows)
-    width = int(pad * 3 + swatch + text_width)
-    height = max(image.height, pad * 2 + line * len(rows))
-    canvas = PIL.Image.new("RGB", (image.width + width, height), (255, 255, 255))
+    widths = [int(pad * 3 + swatch + max(measure.textlength(t, font=font) for _, _, t in c)) for c in columns]
+    height = max(image.height, 2 * pad + line * len(columns[0]))
+    canvas = PIL.Image.new("RGB", (image.width + sum(widths), height), (255, 255, 255))
     canvas.paste(image, (0, 0))
     draw = PIL.ImageDraw.Draw(canvas)
-    for i, (colour, text) in enumerate(rows):
-        y = pad + i * line
-        x = image.width + pad
-        draw.rectangle([x, y + 1, x + swatch, y + 1 + swatch], fill=colour, outline=(0, 0, 0))
-        draw.text((x + swatch + pad, y), text, fill=(0, 0, 0), font=font)
+    x0 = image.width
+    for column, column_width in zip(columns, widths):
+        for i, (_, colour, text) in enumerate(column):
+            y = pad + i * line
+            draw.rectangle([x0 + pad, y, x0 + pad + swatch, y + swatch], fill=colour, outline=(0, 0, 0))
+            top, bottom = draw.textbbox((0, 0), text, font=font)[1::2]
+            draw.text((x0 + 2 * pad + swatch, y + (swatch - top - bottom) / 2), text, fill=(0, 0, 0), font=font)
+        x0 += column_width
     return canvas

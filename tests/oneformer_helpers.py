@@ -1,0 +1,36 @@
+"""Shared test data for OneFormer's tokenizer and processor: the real CLIP vocabulary (from open_clip's
+packaged BPE file) and the class metadata of ADE20K, COCO panoptic and Cityscapes (tests/data/oneformer)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from pathlib import Path
+
+DATA = Path(__file__).parent / "data" / "oneformer"
+DATASETS = ("ade20k", "coco", "cityscapes")
+
+
+def class_info(dataset: str) -> dict[str, dict]:
+    """label id (str) -> {"name", "isthing"}, as in shi-labs/oneformer_demo's ``{dataset}_panoptic.json``."""
+    return json.loads((DATA / f"{dataset}_panoptic.json").read_text(encoding="utf-8"))
+
+
+def write_clip_vocab(folder: Path) -> Path:
+    """Write CLIP's ``vocab.json`` and ``merges.txt`` (the files of the OneFormer hub checkpoints) from the
+    BPE merge list that open_clip ships, laid out as transformers' CLIP conversion does: 256 byte symbols,
+    the same with ``</w>``, one token per merge, then ``<|startoftext|>`` (49406) and ``<|endoftext|>`` (49407)."""
+    import open_clip
+    from open_clip.tokenizer import bytes_to_unicode  # the reference table, not ours
+
+    bpe = os.path.join(os.path.dirname(open_clip.__file__), "bpe_simple_vocab_16e6.txt.gz")
+    merges = gzip.open(bpe).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
+    symbols = list(bytes_to_unicode().values())
+    vocab = [*symbols, *(s + "</w>" for s in symbols), *("".join(m.split()) for m in merges)]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    assert len(vocab) == len(set(vocab)) == 49408
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    return folder
