@@ -24,6 +24,7 @@ _PNG_MEANING = {
     "panoptic": "pixel value = segment id, 0 = no segment",
     "semantic": "pixel value = class id",
     "instance": "pixel value = instance id + 1, 0 = no instance",
+    "instance-oneformer": "pixel value = instance id, 0 = no instance",
 }
 
 
@@ -72,6 +73,9 @@ def add_segment_parser(sub: argparse._SubParsersAction) -> None:
                    help="panoptic: minimum visible share of a segment's mask (default 0.8)")
     p.add_argument("--fuse-labels", nargs="+", default=None, metavar="LABEL",
                    help="panoptic: labels (ids or names) whose segments merge into one per image (stuff classes)")
+    p.add_argument("--class-info", default=None, metavar="JSON",
+                   help="OneFormer: class metadata (names, thing ids) as in shi-labs/oneformer_demo, when the "
+                   "checkpoint folder does not carry it; panoptic then merges each stuff class into one segment")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=run_segment)
 
@@ -172,8 +176,9 @@ def _unique_stem(path: Path, used: set[str]) -> str:
     return stem
 
 
-def _segments_for_task(task: str, result: Any) -> tuple[Any, list[dict[str, Any]], int]:
-    """(segmentation map, segments with "id"/"label_id"/"score", PNG offset) of one post-processed image."""
+def _segments_for_task(task: str, result: Any, ids_from_one: bool) -> tuple[Any, list[dict[str, Any]], int]:
+    """(segmentation map, segments with "id"/"label_id"/"score", PNG offset) of one post-processed image.
+    ``ids_from_one``: instance ids start at 1 with 0 = none (OneFormer), else at 0 with -1 = none."""
     if task == "semantic":
         segmentation = result
         segments = [{"id": int(c), "label_id": int(c), "colour_key": int(c)} for c in segmentation.unique().tolist()]
@@ -181,22 +186,24 @@ def _segments_for_task(task: str, result: Any) -> tuple[Any, list[dict[str, Any]
     segments = [dict(s) for s in result["segments_info"]]
     for s in segments:
         s["colour_key"] = s["id"] if task == "instance" else s["label_id"] * 7919 + s["id"]
-    return result["segmentation"], segments, 1 if task == "instance" else 0
+    return result["segmentation"], segments, 1 if task == "instance" and not ids_from_one else 0
 
 
-def _write_outputs(out_dir: Path, stem: str, path: Path, image, task: str, model_name: str, result, id2label) -> None:
+def _write_outputs(
+    out_dir: Path, stem: str, path: Path, image, task: str, model_name: str, result, id2label, ids_from_one: bool
+) -> None:
     import torch
 
     from .processing.visualize import overlay_segments, segmentation_to_png
 
-    segmentation, segments, offset = _segments_for_task(task, result)
+    segmentation, segments, offset = _segments_for_task(task, result, ids_from_one)
     segmentation = segmentation.cpu()
     overlay_segments(image, segmentation, segments, id2label=id2label).save(out_dir / f"{stem}_overlay.png")
     segmentation_to_png(segmentation, offset=offset).save(out_dir / f"{stem}_segmentation.png")
     counts = torch.bincount((segmentation.to(torch.int64) + offset).flatten())
     record = {
         "image": str(path), "height": image.height, "width": image.width, "task": task, "model": model_name,
-        "segmentation_png": _PNG_MEANING[task],
+        "segmentation_png": _PNG_MEANING["instance-oneformer" if task == "instance" and ids_from_one else task],
         "segments": [
             {
                 "id": s["id"], "label_id": s["label_id"], "label": id2label.get(s["label_id"], f"class {s['label_id']}"),
@@ -233,7 +240,9 @@ def run_segment(args: argparse.Namespace) -> int:
 
     try:
         model = from_pretrained(args.model)
-        runner = SegmentRunner(model, task=args.task, device=device, dtype=getattr(torch, args.dtype))
+        runner = SegmentRunner(
+            model, task=args.task, device=device, dtype=getattr(torch, args.dtype), class_info=args.class_info
+        )
         if "fuse_labels" in post_kwargs:
             post_kwargs["label_ids_to_fuse"] = _fuse_ids(post_kwargs.pop("fuse_labels"), model.id2label)
     except UsageError as exc:
@@ -254,7 +263,7 @@ def run_segment(args: argparse.Namespace) -> int:
         for (path, image), result in zip(batch, results):
             if result is not None:
                 _write_outputs(out_dir, _unique_stem(path, used), path, image, args.task, str(args.model), result,
-                               model.id2label)
+                               model.id2label, ids_from_one=runner.is_oneformer)
         bar.update(len(batch))
         batch.clear()
 

@@ -58,6 +58,9 @@ WEIGHT_FILES = (  # in order of preference
     "pytorch_model.bin.index.json",
 )
 MODEL_TYPES = ("mask2former", "oneformer")
+# tokenizer and processor files of OneFormer checkpoints (hub layout and transformers 5 save_pretrained)
+_PROCESSOR_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                    "processor_config.json")
 # 1: the first layout; 2: Mask2Former's learned queries moved from the decoder to the model
 _FORMAT_VERSION = 2
 _PROBLEM_KEYS_SHOWN = 12
@@ -297,6 +300,13 @@ def _load_folder(folder: Path, expected_type: str | None) -> nn.Module:
     load_state_dict_strict(model, state, source=str(path), hint=hint)
     if (folder / PREPROCESSOR_CONFIG).is_file():
         model.preprocessor_config = _read_json(folder / PREPROCESSOR_CONFIG)
+    model.source_folder = folder  # where the processor's files (tokenizer, class info) sit
+    # files a OneFormer processor reads beside the weights travel with the model into save_pretrained
+    names = list(_PROCESSOR_FILES)
+    class_info_file = (getattr(model, "preprocessor_config", None) or {}).get("class_info_file")
+    if isinstance(class_info_file, str) and Path(class_info_file).name == class_info_file:  # a plain file name
+        names.append(class_info_file)
+    model.extra_files = {name: (folder / name).read_bytes() for name in names if (folder / name).is_file()}
     return model
 
 

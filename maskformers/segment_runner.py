@@ -19,7 +19,9 @@ __all__ = ["SegmentRunner"]
 class SegmentRunner:
     """``runner(batch, post_kwargs, failures, warn)`` -> one result per image (None for failed ones)."""
 
-    def __init__(self, model: nn.Module, *, task: str, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self, model: nn.Module, *, task: str, device: torch.device, dtype: torch.dtype, class_info: Any = None
+    ) -> None:
         from .models.oneformer import OneFormer
         from .processing import ImageProcessor, post_process_instance, post_process_panoptic, post_process_semantic
 
@@ -27,21 +29,28 @@ class SegmentRunner:
         self.device, self.dtype = device, dtype
         self.model = model.to(device=device, dtype=dtype).eval()
         self.is_oneformer = isinstance(model, OneFormer)
-        config = model.preprocessor_config
+        post = {"panoptic": post_process_panoptic, "semantic": post_process_semantic, "instance": post_process_instance}
+        self.post_defaults: dict[str, Any] = {}
         if self.is_oneformer:
             from .processing import OneFormerProcessor
 
-            self.processor = OneFormerProcessor.from_model(model)
-            self.post = self.processor.post_processor(task)
+            folder = getattr(model, "source_folder", None)
+            if folder is None:
+                raise ValueError("this OneFormer was not loaded from a checkpoint folder, so its tokenizer is unknown")
+            self.processor = OneFormerProcessor.from_pretrained(folder, class_info=class_info)
+            self.post_defaults["model"] = "oneformer"
+            info = self.processor.class_info
+            if task == "panoptic" and info is not None:  # the original merges every stuff class into one segment
+                self.post_defaults["label_ids_to_fuse"] = set(info.stuff_ids)
         else:
+            config = model.preprocessor_config
             self.processor = ImageProcessor.from_pretrained(config) if config else ImageProcessor()
-            self.post = {"panoptic": post_process_panoptic, "semantic": post_process_semantic,
-                         "instance": post_process_instance}[task]
+        self.post = post[task]
         self._warned_non_finite = False
 
     def _inputs(self, images: list[Any]) -> dict[str, Any]:
         if self.is_oneformer:
-            return self.processor(images, task=self.task, device=self.device)
+            return self.processor(images, self.task, device=self.device)
         return self.processor(images, device=self.device)
 
     def __call__(
@@ -82,7 +91,8 @@ class SegmentRunner:
             return [None] * len(batch)
         results = self.post(
             output.class_logits, output.mask_logits, input_size=inputs["pixel_values"].shape[-2:],
-            image_sizes=inputs["image_sizes"], target_sizes=inputs["original_sizes"], **post_kwargs,
+            image_sizes=inputs["image_sizes"], target_sizes=inputs["original_sizes"],
+            **{**self.post_defaults, **post_kwargs},
         )
         out: list[Any] = [None] * len(batch)
         for i, result in zip(keep, results):

@@ -304,3 +304,81 @@ def test_help_does_not_import_torch():
     code = "import sys; from maskformers.cli import make_parser; make_parser(); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False", out.stderr
+
+
+# ----------------------------------------------------------------------------- OneFormer checkpoints
+@pytest.fixture(scope="module")
+def oneformer_checkpoint(tmp_path_factory) -> Path:
+    from transformers import OneFormerConfig, OneFormerForUniversalSegmentation
+
+    from mask2former_helpers import perturb_, swin_config
+    from oneformer_helpers import write_clip_vocab
+
+    folder = tmp_path_factory.mktemp("tiny-oneformer")
+    config = OneFormerConfig(
+        backbone_config=swin_config(), hidden_dim=64, conv_dim=64, mask_dim=64, num_attention_heads=4,
+        encoder_feedforward_dim=32, dim_feedforward=48, num_queries=10, num_labels=4, decoder_layers=3,
+        encoder_layers=1, id2label={0: "cat", 1: "dog", 2: "sky", 3: "road"},
+    )
+    torch.manual_seed(5)
+    perturb_(OneFormerForUniversalSegmentation(config), seed=5, scale=0.5).eval().save_pretrained(folder)
+    write_clip_vocab(folder)
+    info = {"0": {"name": "cat", "isthing": 1}, "1": {"name": "dog", "isthing": 1},
+            "2": {"name": "sky", "isthing": 0}, "3": {"name": "road", "isthing": 0}}
+    (folder / "tiny_panoptic.json").write_text(json.dumps(info))
+    (folder / "preprocessor_config.json").write_text(json.dumps({
+        "do_resize": True, "size": {"shortest_edge": 64, "longest_edge": 128}, "resample": 2, "do_rescale": True,
+        "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.485, 0.456, 0.406],
+        "image_std": [0.229, 0.224, 0.225], "class_info_file": "tiny_panoptic.json", "num_text": 6,
+        "image_processor_type": "OneFormerImageProcessor", "processor_class": "OneFormerProcessor",
+    }))
+    return folder
+
+
+@pytest.mark.parametrize("task", ["panoptic", "semantic", "instance"])
+def test_segment_with_a_oneformer_checkpoint(oneformer_checkpoint, images, tmp_path, task):
+    """The model type comes from the checkpoint; the task prompt goes through the checkpoint's tokenizer; the
+    outputs are exactly what the Python API computes for that task."""
+    import maskformers
+    from maskformers.processing import OneFormerProcessor
+
+    out = tmp_path / task
+    code = main(["segment", str(images["rgb"]), "--model", str(oneformer_checkpoint), "--task", task,
+                 "--threshold", "0.05", "--out", str(out), "--quiet"])
+    assert code == 0
+    seg, _, record = read_outputs(out, "street")
+    assert seg.shape == (50, 70) and record["task"] == task
+
+    model = maskformers.from_pretrained(oneformer_checkpoint)
+    processor = OneFormerProcessor.from_pretrained(oneformer_checkpoint)
+    inputs = processor(load_image(images["rgb"]), task)
+    with torch.inference_mode():
+        output = model(inputs["pixel_values"], inputs["task_inputs"])
+    post = {"panoptic": post_process_panoptic, "semantic": maskformers.post_process_semantic,
+            "instance": maskformers.post_process_instance}[task]
+    kwargs = {} if task == "semantic" else {"threshold": 0.05}
+    if task == "panoptic":
+        kwargs["label_ids_to_fuse"] = {2, 3}  # the stuff classes of the class info: merged, as the original does
+    expected = post(output.class_logits, output.mask_logits, input_size=inputs["pixel_values"].shape[-2:],
+                    image_sizes=inputs["image_sizes"], target_sizes=inputs["original_sizes"], model="oneformer",
+                    **kwargs)[0]
+    expected_map = expected if task == "semantic" else expected["segmentation"]
+    np.testing.assert_array_equal(seg, expected_map.numpy())
+    if task != "semantic":
+        assert [s["id"] for s in record["segments"]] == [s["id"] for s in expected["segments_info"]]
+        assert len(record["segments"]) > 0
+
+
+def test_converted_oneformer_keeps_its_tokenizer_and_class_info(oneformer_checkpoint, images, tmp_path):
+    converted = tmp_path / "ours"
+    assert main(["convert", str(oneformer_checkpoint), str(converted)]) == 0
+    for name in ("vocab.json", "merges.txt", "tiny_panoptic.json"):
+        assert (converted / name).read_bytes() == (oneformer_checkpoint / name).read_bytes()
+    read = lambda folder: json.loads((folder / "preprocessor_config.json").read_text())  # noqa: E731
+    assert read(converted) == read(oneformer_checkpoint)
+    for source, out in ((oneformer_checkpoint, tmp_path / "a"), (converted, tmp_path / "b")):
+        assert main(["segment", str(images["rgb"]), "--model", str(source), "--threshold", "0.05", "--out", str(out),
+                     "--quiet"]) == 0
+    (seg_a, _, rec_a), (seg_b, _, rec_b) = read_outputs(tmp_path / "a", "street"), read_outputs(tmp_path / "b", "street")
+    np.testing.assert_array_equal(seg_a, seg_b)
+    assert [s["label_id"] for s in rec_a["segments"]] == [s["label_id"] for s in rec_b["segments"]]
