@@ -17,6 +17,13 @@ prediction first), as in transformers. Extra terms (OneFormer's contrastive loss
 
 All levels are matched in one pass and their mask losses sampled together: one draw of matching
 points (L, B, P, 2), one of candidate points, one of uniform points (see :mod:`.points`).
+
+Keyed points (``forward(..., image_keys=...)``): every image's points then come from generators seeded
+by its key (the training loop passes a hash of the seed, the step and the dataset index), so the loss of
+an image does not depend on which other images share its batch or process, nor on the global RNG. With
+that, and with the cross-entropy normalised by the all-reduced weight sum (the mask losses already are,
+through ``num_masks``), a run on N processes computes the same gradients as one process with the same
+global batch. With one process the cross-entropy is the plain weighted mean.
 """
 
 from __future__ import annotations
@@ -30,7 +37,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .matcher import HungarianMatcher, Target, padded_target_labels, solve_assignments
-from .points import UniformSource, default_uniform, importance_sample_points, point_sample
+from .points import (
+    UniformSource,
+    default_uniform,
+    num_importance_points,
+    point_sample,
+    select_uncertain_points,
+)
 
 __all__ = ["MaskFormerCriterion", "DEFAULT_LOSS_WEIGHTS", "weighted_total", "predictions_of"]
 
@@ -63,13 +76,29 @@ def weighted_total(losses: Mapping[str, torch.Tensor], weights: Mapping[str, flo
     return total
 
 
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def _num_masks(targets: Sequence[Target], device: torch.device) -> float:
     count = torch.tensor([float(sum(int(t["labels"].numel()) for t in targets))], device=device)
     world = 1
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if _distributed():
         torch.distributed.all_reduce(count)
         world = torch.distributed.get_world_size()
     return max(float(count.item()) / world, 1.0)
+
+
+def _keyed_uniform(keys: Sequence[int], row_shape: tuple[int, ...], *, device: torch.device,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """One row of U[0, 1) numbers per key, each from its own seeded CPU generator -> (len(keys), *row_shape)."""
+    rows = [torch.rand(row_shape, generator=torch.Generator().manual_seed(k), dtype=dtype) for k in keys]
+    return (torch.stack(rows) if rows else torch.zeros((0, *row_shape), dtype=dtype)).to(device)
+
+
+def _mix(*parts: int) -> int:
+    """A 63-bit seed from integers (tuple hashing of ints is stable across runs and platforms)."""
+    return hash(tuple(int(p) for p in parts)) & (2**63 - 1)
 
 
 class MaskFormerCriterion(nn.Module):
@@ -124,14 +153,21 @@ class MaskFormerCriterion(nn.Module):
     # ------------------------------------------------------------------ matching
     @torch.no_grad()
     def match(
-        self, predictions: Sequence[tuple[torch.Tensor, torch.Tensor]], targets: Sequence[Target]
+        self,
+        predictions: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        targets: Sequence[Target],
+        image_keys: Sequence[int] | None = None,
     ) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
         """Matches of every prediction: ``[level][image] = (query_index, target_index)``."""
         class_logits, mask_logits = predictions[0]
         L, B, device = len(predictions), class_logits.shape[0], class_logits.device
         dtype = torch.float64 if class_logits.dtype == torch.float64 else torch.float32
         P = self.matcher.num_points
-        points = self.uniform((L, B, P, 2), device=device, dtype=dtype)  # per level and image
+        if image_keys is None:
+            points = self.uniform((L, B, P, 2), device=device, dtype=dtype)  # per level and image
+        else:
+            keys = [_mix(image_keys[b], 0, level) for level in range(L) for b in range(B)]
+            points = _keyed_uniform(keys, (P, 2), device=device, dtype=dtype).view(L, B, P, 2)
         counts = [int(t["labels"].numel()) for t in targets]
         T = max(counts, default=0)
         sampled = points.new_zeros((L, B, T, P))
@@ -154,9 +190,19 @@ class MaskFormerCriterion(nn.Module):
         for b, (q, t) in enumerate(matches):
             target[b, q.to(target.device)] = labels[b, t.to(labels.device)]
         logits = class_logits if class_logits.dtype == torch.float64 else class_logits.float()
-        return F.cross_entropy(logits.transpose(1, 2), target, weight=self.class_weight.to(logits.dtype))
+        weight = self.class_weight.to(logits.dtype)
+        if not _distributed():
+            return F.cross_entropy(logits.transpose(1, 2), target, weight=weight)
+        # weighted mean over the queries of *all* processes: DDP's gradient average then equals one process
+        weighted = F.cross_entropy(logits.transpose(1, 2), target, weight=weight, reduction="none").sum()
+        denominator = weight[target].sum().detach()
+        torch.distributed.all_reduce(denominator)
+        return weighted * torch.distributed.get_world_size() / denominator
 
-    def forward(self, outputs: Any, targets: Sequence[Target]) -> dict[str, torch.Tensor]:
+    def forward(
+        self, outputs: Any, targets: Sequence[Target], *, image_keys: Sequence[int] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The unweighted loss terms; ``image_keys`` (one int per image) switch to keyed points."""
         predictions = predictions_of(outputs)
         if not self.use_aux:
             predictions = predictions[:1]
@@ -169,7 +215,9 @@ class MaskFormerCriterion(nn.Module):
                 raise ValueError(f"targets[{i}]: expected masks (N, H, W) for N={t['labels'].numel()} labels, "
                                  f"got {tuple(t['masks'].shape)}")
         num_masks = _num_masks(targets, device)
-        all_matches = self.match(predictions, targets)
+        if image_keys is not None and len(image_keys) != len(targets):
+            raise ValueError(f"expected one image key per image ({len(targets)}), got {len(image_keys)}")
+        all_matches = self.match(predictions, targets, image_keys)
         labels, _ = padded_target_labels(targets, device)
 
         names = [""] + [f"_{i}" for i in range(len(predictions) - 1)]
@@ -177,7 +225,7 @@ class MaskFormerCriterion(nn.Module):
         for name, (cls, _), matches in zip(names, predictions, all_matches):
             losses["loss_cross_entropy" + name] = self._class_loss(cls, matches, labels)
 
-        bce, dice = self._mask_losses(predictions, all_matches, targets)
+        bce, dice = self._mask_losses(predictions, all_matches, targets, image_keys)
         for name, b, d in zip(names, bce, dice):
             losses["loss_mask" + name] = b / num_masks
             losses["loss_dice" + name] = d / num_masks
@@ -190,14 +238,17 @@ class MaskFormerCriterion(nn.Module):
         predictions: Sequence[tuple[torch.Tensor, torch.Tensor]],
         all_matches: Sequence[Sequence[tuple[torch.Tensor, torch.Tensor]]],
         targets: Sequence[Target],
+        image_keys: Sequence[int] | None = None,
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Summed BCE and dice of the matched masks, per prediction level."""
         mask_logits = predictions[0][1]
         device = mask_logits.device
         dtype = torch.float64 if mask_logits.dtype == torch.float64 else torch.float32
         offsets = torch.tensor([0] + [int(t["labels"].numel()) for t in targets], device=device).cumsum(0)
-        pred_rows, target_rows, sizes = [], [], []
-        for (_, logits), matches in zip(predictions, all_matches):
+        pred_rows, target_rows, sizes, row_keys = [], [], [], []
+        for level, ((_, logits), matches) in enumerate(zip(predictions, all_matches)):
+            if image_keys is not None:
+                row_keys += [_mix(image_keys[i], level, j) for i, (q, _) in enumerate(matches) for j in range(len(q))]
             b = torch.cat([torch.full_like(q, i) for i, (q, _) in enumerate(matches)]).to(device)
             q = torch.cat([q for q, _ in matches]).to(device)
             t = torch.cat([t for _, t in matches]).to(device)
@@ -208,10 +259,19 @@ class MaskFormerCriterion(nn.Module):
         if sum(sizes) == 0:
             return [zero.to(dtype)] * len(predictions), [zero.to(dtype)] * len(predictions)
         src = torch.cat(pred_rows).to(dtype)[:, None]  # (N, 1, h, w)
-        points = importance_sample_points(
-            src.detach(), num_points=self.num_points, oversample_ratio=self.oversample_ratio,
-            importance_sample_ratio=self.importance_sample_ratio, uniform=self.uniform,
-        )  # (N, P, 2)
+        num_candidates = int(self.num_points * self.oversample_ratio)
+        num_uncertain = num_importance_points(self.num_points, self.importance_sample_ratio)
+        if not 0 <= num_uncertain <= min(self.num_points, num_candidates):
+            raise ValueError(f"importance_sample_ratio={self.importance_sample_ratio} and oversample_ratio="
+                             f"{self.oversample_ratio} give {num_uncertain} uncertain points of {num_candidates} "
+                             f"candidates for num_points={self.num_points}")
+        shapes = [(num_candidates, 2), (self.num_points - num_uncertain, 2)]
+        if image_keys is None:
+            candidates, extra = (self.uniform((len(src), *shape), device=device, dtype=dtype) for shape in shapes)
+        else:
+            candidates, extra = (_keyed_uniform([_mix(k, 1 + i) for k in row_keys], shape, device=device, dtype=dtype)
+                                 for i, shape in enumerate(shapes))
+        points = torch.cat([select_uncertain_points(src.detach(), candidates, num_uncertain), extra], dim=1)
         with torch.no_grad():
             masks, _, _ = _concat_targets(targets, device, dtype)
             rows = torch.cat(target_rows)

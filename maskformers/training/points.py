@@ -16,7 +16,14 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-__all__ = ["UniformSource", "point_sample", "default_uniform", "importance_sample_points", "num_importance_points"]
+__all__ = [
+    "UniformSource",
+    "point_sample",
+    "default_uniform",
+    "importance_sample_points",
+    "num_importance_points",
+    "select_uncertain_points",
+]
 
 UniformSource = Callable[..., torch.Tensor]
 
@@ -42,6 +49,14 @@ def point_sample(maps: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
 def num_importance_points(num_points: int, importance_sample_ratio: float) -> int:
     """How many of ``num_points`` are chosen by uncertainty (the rest are uniform)."""
     return int(importance_sample_ratio * num_points)
+
+
+def select_uncertain_points(logits: torch.Tensor, candidates: torch.Tensor, num_uncertain: int) -> torch.Tensor:
+    """The ``num_uncertain`` candidates (N, M, 2) where the logits (N, 1, H, W) are closest to 0 -> (N, m, 2)."""
+    with torch.no_grad():
+        uncertainty = -point_sample(logits.to(candidates.dtype), candidates)[:, 0].abs()  # (N, M): high = near 0
+        index = uncertainty.topk(num_uncertain, dim=1).indices  # (N, m)
+        return candidates.gather(1, index[..., None].expand(-1, -1, 2))
 
 
 def importance_sample_points(
@@ -70,9 +85,7 @@ def importance_sample_points(
     with torch.no_grad():
         dtype = logits.dtype if logits.dtype == torch.float64 else torch.float32
         candidates = uniform((num_masks, num_candidates, 2), device=logits.device, dtype=dtype)
-        uncertainty = -point_sample(logits.to(dtype), candidates)[:, 0].abs()  # (N, kP): high = near 0
-        index = uncertainty.topk(num_uncertain, dim=1).indices  # (N, m)
-        chosen = candidates.gather(1, index[..., None].expand(-1, -1, 2))
+        chosen = select_uncertain_points(logits, candidates, num_uncertain)
         if num_points > num_uncertain:
             extra = uniform((num_masks, num_points - num_uncertain, 2), device=logits.device, dtype=dtype)
             chosen = torch.cat([chosen, extra], dim=1)
