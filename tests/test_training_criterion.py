@@ -274,3 +274,30 @@ def test_gradients_reach_every_parameter():
     model.zero_grad()
     crit.total(crit(model(x), targets)).backward()
     assert model.pixel_decoder.level_embed.grad.abs().max() > 0
+
+
+def test_keyed_points_make_each_image_independent_of_its_batch():
+    """With image keys, an image's matched-mask losses do not depend on the other images of the batch
+    (what makes N processes equal to one): loss * num_masks adds up over sub-batches."""
+    outputs, targets = _case(8, batch=3, counts=(2, 4, 3))
+    crit = MaskFormerCriterion(num_classes=5, num_points=300, matcher=HungarianMatcher(num_points=300))
+    keys = [11, 22, 33]
+    whole = crit(outputs, targets, image_keys=keys)
+
+    def part(i):
+        sub = {"class_logits": outputs["class_logits"][i:i + 1], "mask_logits": outputs["mask_logits"][i:i + 1],
+               "aux_outputs": [{k: v[i:i + 1] for k, v in a.items()} for a in outputs["aux_outputs"]]}
+        return crit(sub, targets[i:i + 1], image_keys=keys[i:i + 1])
+
+    parts = [part(i) for i in range(3)]
+    counts = [len(t["labels"]) for t in targets]
+    for key in whole:
+        if key.startswith(("loss_mask", "loss_dice")):
+            torch.testing.assert_close(whole[key] * sum(counts), sum(p[key] * n for p, n in zip(parts, counts)),
+                                       rtol=1e-12, atol=1e-12, msg=key)
+    again = crit(outputs, targets, image_keys=keys)
+    assert all(torch.equal(again[k], whole[k]) for k in whole)
+    other = crit(outputs, targets, image_keys=[1, 2, 3])
+    assert not torch.equal(other["loss_mask"], whole["loss_mask"])
+    with pytest.raises(ValueError, match="one image key per image"):
+        crit(outputs, targets, image_keys=[1])
