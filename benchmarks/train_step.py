@@ -138,7 +138,8 @@ def time_matcher(repeats: int, device: torch.device, queries: int = 100, targets
              "masks": (torch.rand(targets, 384, 384, generator=g) > 0.7).to(device)} for _ in range(images)]
     ours, theirs = HungarianMatcher(), Mask2FormerHungarianMatcher(cost_class=2.0, cost_mask=5.0, cost_dice=5.0)
     hf_masks, hf_labels = [t["masks"].float() for t in tgts], [t["labels"] for t in tgts]
-    runs = {"maskformers": lambda: ours(cls, masks, tgts), "transformers": lambda: theirs(masks, cls, hf_masks, hf_labels)}
+    runs = {"maskformers": lambda: ours(cls, masks, tgts),
+            "transformers": lambda: theirs(masks, cls, hf_masks, hf_labels)}
     out = {}
     for name, fn in runs.items():
         fn()
@@ -199,7 +200,8 @@ def main(argv=None) -> int:
         print(f"| {r['image']}x{r['image']} batch {r['batch']} {r['amp']} | {r['transformers_ms']:.0f} | "
               f"{r['maskformers_ms']:.0f} | {r['speedup']:.2f}x | {mem} |")
     print(f"\nmatcher, 100 queries x 50 targets, per image: transformers {matcher['transformers'] * 1e3:.1f} ms, "
-          f"maskformers {matcher['maskformers'] * 1e3:.1f} ms ({matcher['transformers'] / matcher['maskformers']:.2f}x)")
+          f"maskformers {matcher['maskformers'] * 1e3:.1f} ms "
+          f"({matcher['transformers'] / matcher['maskformers']:.2f}x)")
     import transformers
 
     meta = {"torch": torch.__version__, "transformers": transformers.__version__, "device": str(device),

@@ -54,7 +54,8 @@ def test_logit_scale_is_capped_at_100():
     image, text = _queries(2, torch.float64)
     big = torch.tensor(10.0, dtype=torch.float64, requires_grad=True)
     capped = contrastive_loss(image, text, big)
-    torch.testing.assert_close(capped, contrastive_loss(image, text, torch.tensor(math.log(100.0), dtype=torch.float64)))
+    at_cap = torch.tensor(math.log(100.0), dtype=torch.float64)
+    torch.testing.assert_close(capped, contrastive_loss(image, text, at_cap))
     capped.backward()
     assert big.grad == 0  # no gradient through the clamp once capped
 

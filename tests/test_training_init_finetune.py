@@ -116,7 +116,8 @@ def _hf_checkpoint(tmp_path):
 def test_finetune_replaces_only_the_class_head(tmp_path, source):
     if source == "ours":
         torch.manual_seed(0)
-        base = build_mask2former(Mask2FormerConfig(**dict(CFG, num_queries=10)), id2label={i: f"c{i}" for i in range(20)})
+        labels = {i: f"c{i}" for i in range(20)}
+        base = build_mask2former(Mask2FormerConfig(**dict(CFG, num_queries=10)), id2label=labels)
         base.save_pretrained(tmp_path / "ours")
         folder = tmp_path / "ours"
     else:
@@ -129,7 +130,8 @@ def test_finetune_replaces_only_the_class_head(tmp_path, source):
     after = model.state_dict()
     changed = {k for k in before if before[k].shape != after[k].shape or not torch.equal(before[k], after[k])}
     assert changed == {"transformer_decoder.head.class_embed.weight", "transformer_decoder.head.class_embed.bias"}
-    w_old, w_new = before["transformer_decoder.head.class_embed.weight"], after["transformer_decoder.head.class_embed.weight"]
+    key = "transformer_decoder.head.class_embed.weight"
+    w_old, w_new = before[key], after[key]
     assert w_new.shape[0] == 4 and torch.equal(w_new[1], w_old[1]) and torch.equal(w_new[-1], w_old[-1])
     assert model.num_classes == 3 and model.config.num_classes == 3 and model.id2label == new_labels
     x = torch.randn(1, 3, 64, 64)

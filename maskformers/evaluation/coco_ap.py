@@ -59,7 +59,8 @@ class MaskAP:
                             "bbox": list(mask_utils.toBbox(rle))})
         for rle, label, score in zip(_encode(pred_masks) if len(pred_labels) else [], pred_labels.tolist(),
                                      pred_scores.tolist()):
-            self.dt.append({"image_id": image_id, "category_id": int(label), "segmentation": rle, "score": float(score)})
+            self.dt.append({"image_id": image_id, "category_id": int(label), "segmentation": rle,
+                            "score": float(score)})
 
     def compute(self) -> dict[str, float]:
         """AP, AP50, AP75, APs, APm, APl in percent (-1 where COCOeval has nothing to measure)."""

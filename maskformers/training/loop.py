@@ -184,8 +184,8 @@ def train(
     plan = [batch_indices(st, micro, num_samples=len(dataset), config=config, rank=info.rank,
                           world_size=info.world_size) for st in range(step, last_steps)
             for micro in range(config.grad_accumulation)]
-    loader = torch.utils.data.DataLoader(_EpochIndexed(dataset), batch_sampler=[[(e, i) for i in idx] for e, idx in plan],
-                                         collate_fn=list, num_workers=config.num_workers)
+    loader = torch.utils.data.DataLoader(_EpochIndexed(dataset), collate_fn=list, num_workers=config.num_workers,
+                                         batch_sampler=[[(e, i) for i in idx] for e, idx in plan])
     batches = iter(loader)
     tic, images = time.perf_counter(), 0
     try:
@@ -253,6 +253,7 @@ def train(
                                               "id2label": dict(getattr(module, "id2label", {}) or {})},
                                              out / "best.pt")
                     result.best = best
+                tic = time.perf_counter()  # images/s measures training, not evaluation
             if out is not None and (step % config.checkpoint_every == 0 or step == last_steps):
                 if info.is_main:
                     ckpt.save_checkpoint(out, _state(model, optimizer, scheduler, scaler, criterion, step, config,

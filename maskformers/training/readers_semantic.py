@@ -161,7 +161,8 @@ class HFSegmentationDataset:
                 labels.append(int(cls.mode().values))
         H, W = classes.shape
         return {"image": image, "masks": torch.stack(masks) if masks else torch.zeros(0, H, W, dtype=torch.bool),
-                "labels": torch.tensor(labels, dtype=torch.int64), "iscrowd": torch.zeros(len(labels), dtype=torch.bool),
+                "labels": torch.tensor(labels, dtype=torch.int64),
+                "iscrowd": torch.zeros(len(labels), dtype=torch.bool),
                 "source": source}
 
 
