@@ -203,3 +203,53 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     la, lb = _losses(one), _losses(two)
     for s in range(1, steps + 1):
         assert lb[s]["loss"] == pytest.approx(la[s]["loss"], rel=1e-5)
+
+
+def _tiny_setup(**train):
+    from maskformers.models.mask2former import Mask2FormerConfig, build_mask2former
+    from maskformers.training.data import TrainingDataset
+    from maskformers.training.synthetic import SyntheticScenes
+
+    torch.manual_seed(0)
+    model = build_mask2former(Mask2FormerConfig.from_dict(TINY))
+    data = TrainingDataset(SyntheticScenes(8, size=64, seed=1), task="panoptic")
+    return model, data, TrainingConfig(**{**TRAIN, "max_steps": 1, "log_every": 1, **train})
+
+
+def test_gradient_accumulation_equals_the_larger_batch():
+    from maskformers.training.loop import train
+
+    big_model, data, big = _tiny_setup(batch_size=4)
+    acc_model, _, acc = _tiny_setup(batch_size=2, grad_accumulation=2)
+    r1 = train(big_model, data, config=big, progress=False)
+    r2 = train(acc_model, data, config=acc, progress=False)
+    assert r1.losses[0]["loss"] == pytest.approx(r2.losses[0]["loss"], rel=1e-5)
+    for (name, a), b in zip(big_model.named_parameters(), acc_model.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_bf16_autocast_step_and_skipped_samples_are_counted():
+    from maskformers.training.data import SampleError, TrainingDataset
+    from maskformers.training.loop import train
+
+    model, data, cfg = _tiny_setup(amp="bf16", max_steps=2)
+    bad = batch_indices(0, 0, num_samples=len(data), config=cfg)[1][0]  # a sample of the first batch
+
+    class Flaky:
+        id2label, thing_ids = data.reader.id2label, data.reader.thing_ids
+
+        def __len__(self):
+            return len(data.reader)
+
+        def __getitem__(self, i):
+            if i == bad:
+                raise SampleError("scene-3.png: unreadable image (test)")
+            return data.reader[i]
+
+    before = [p.detach().clone() for p in model.parameters()]
+    result = train(model, TrainingDataset(Flaky(), task="panoptic", on_error="skip"), config=cfg, progress=False)
+    assert result.step == 2 and result.skipped == 1
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in result.losses)
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    with pytest.raises(SampleError, match="scene-3.png"):
+        train(model, TrainingDataset(Flaky(), task="panoptic"), config=cfg, progress=False)

@@ -21,9 +21,10 @@ points (L, B, P, 2), one of candidate points, one of uniform points (see :mod:`.
 Keyed points (``forward(..., image_keys=...)``): every image's points then come from generators seeded
 by its key (the training loop passes a hash of the seed, the step and the dataset index), so the loss of
 an image does not depend on which other images share its batch or process, nor on the global RNG. With
-that, and with the cross-entropy normalised by the all-reduced weight sum (the mask losses already are,
-through ``num_masks``), a run on N processes computes the same gradients as one process with the same
-global batch. With one process the cross-entropy is the plain weighted mean.
+that, and with both normalisers (``num_masks`` and the cross-entropy's weight sum) taken over the whole
+optimizer step (``step_target_counts``: all processes and micro-batches), N processes with gradient
+accumulation compute the same gradients as one process with the same global batch. Without them, one
+process computes the original's plain means.
 """
 
 from __future__ import annotations
@@ -80,13 +81,21 @@ def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
-def _num_masks(targets: Sequence[Target], device: torch.device) -> float:
-    count = torch.tensor([float(sum(int(t["labels"].numel()) for t in targets))], device=device)
+def _normalizers(counts: Sequence[int], num_queries: int, no_object_weight: float, device: torch.device,
+                 reduce: bool) -> tuple[float, float]:
+    """(num_masks, class-weight sum), each summed over ``counts`` (all-reduced when ``reduce``) and divided by
+    the number of processes; num_masks is at least 1. Every image has ``num_queries`` queries, min(Q, T)
+    of them matched (weight 1) and the rest "no object" (weight ``no_object_weight``)."""
+    masks = float(sum(counts))
+    weights = sum(num_queries * no_object_weight + min(num_queries, c) * (1 - no_object_weight) for c in counts)
     world = 1
     if _distributed():
-        torch.distributed.all_reduce(count)
+        if reduce:
+            totals = torch.tensor([masks, weights], dtype=torch.float64, device=device)
+            torch.distributed.all_reduce(totals)
+            masks, weights = totals.tolist()
         world = torch.distributed.get_world_size()
-    return max(float(count.item()) / world, 1.0)
+    return max(masks / world, 1.0), weights / world
 
 
 def _keyed_uniform(keys: Sequence[int], row_shape: tuple[int, ...], *, device: torch.device,
@@ -184,25 +193,34 @@ class MaskFormerCriterion(nn.Module):
 
     # ------------------------------------------------------------------ losses
     def _class_loss(self, class_logits: torch.Tensor, matches: Sequence[tuple[torch.Tensor, torch.Tensor]],
-                    labels: torch.Tensor) -> torch.Tensor:
+                    labels: torch.Tensor, weight_sum: float | None) -> torch.Tensor:
         B, Q, _ = class_logits.shape
         target = torch.full((B, Q), self.num_classes, dtype=torch.int64, device=class_logits.device)
         for b, (q, t) in enumerate(matches):
             target[b, q.to(target.device)] = labels[b, t.to(labels.device)]
         logits = class_logits if class_logits.dtype == torch.float64 else class_logits.float()
         weight = self.class_weight.to(logits.dtype)
-        if not _distributed():
+        if weight_sum is None:
             return F.cross_entropy(logits.transpose(1, 2), target, weight=weight)
-        # weighted mean over the queries of *all* processes: DDP's gradient average then equals one process
-        weighted = F.cross_entropy(logits.transpose(1, 2), target, weight=weight, reduction="none").sum()
-        denominator = weight[target].sum().detach()
-        torch.distributed.all_reduce(denominator)
-        return weighted * torch.distributed.get_world_size() / denominator
+        # weighted mean over the queries of the whole step (all processes and micro-batches)
+        return F.cross_entropy(logits.transpose(1, 2), target, weight=weight, reduction="sum") / weight_sum
 
     def forward(
-        self, outputs: Any, targets: Sequence[Target], *, image_keys: Sequence[int] | None = None
+        self,
+        outputs: Any,
+        targets: Sequence[Target],
+        *,
+        image_keys: Sequence[int] | None = None,
+        step_target_counts: Sequence[int] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """The unweighted loss terms; ``image_keys`` (one int per image) switch to keyed points."""
+        """The unweighted loss terms.
+
+        image_keys: one int per image; switches to keyed points (see the module doc).
+        step_target_counts: the target count of every image of the optimizer step, over all micro-batches
+        and processes. The losses are then normalised by the step's totals (divided by the number of
+        processes), so summing the micro-batches' losses and averaging over processes gives exactly the
+        loss of the whole global batch. Without it: this batch's counts, all-reduced under torch.distributed.
+        """
         predictions = predictions_of(outputs)
         if not self.use_aux:
             predictions = predictions[:1]
@@ -214,7 +232,13 @@ class MaskFormerCriterion(nn.Module):
             if t["masks"].dim() != 3 or t["masks"].shape[0] != t["labels"].numel():
                 raise ValueError(f"targets[{i}]: expected masks (N, H, W) for N={t['labels'].numel()} labels, "
                                  f"got {tuple(t['masks'].shape)}")
-        num_masks = _num_masks(targets, device)
+        counts = [int(t["labels"].numel()) for t in targets]
+        if step_target_counts is None and not _distributed():
+            num_masks, weight_sum = max(float(sum(counts)), 1.0), None  # the original's plain means
+        else:
+            num_masks, weight_sum = _normalizers(
+                counts if step_target_counts is None else step_target_counts, class_logits.shape[1],
+                self.no_object_weight, device, reduce=step_target_counts is None)
         if image_keys is not None and len(image_keys) != len(targets):
             raise ValueError(f"expected one image key per image ({len(targets)}), got {len(image_keys)}")
         all_matches = self.match(predictions, targets, image_keys)
@@ -223,7 +247,7 @@ class MaskFormerCriterion(nn.Module):
         names = [""] + [f"_{i}" for i in range(len(predictions) - 1)]
         losses: dict[str, torch.Tensor] = {}
         for name, (cls, _), matches in zip(names, predictions, all_matches):
-            losses["loss_cross_entropy" + name] = self._class_loss(cls, matches, labels)
+            losses["loss_cross_entropy" + name] = self._class_loss(cls, matches, labels, weight_sum)
 
         bce, dice = self._mask_losses(predictions, all_matches, targets, image_keys)
         for name, b, d in zip(names, bce, dice):

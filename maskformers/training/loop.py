@@ -192,20 +192,23 @@ def train(
         while step < last_steps:
             model.train()
             terms: dict[str, float] = {}
-            for micro in range(config.grad_accumulation):
+            micro_batches = []
+            for _ in range(config.grad_accumulation):
                 fetched = next(batches)  # [(index, (sample, target) or (None, reason))]
                 batch = collate([item for _, item in fetched])
                 result.skipped += len(batch["skipped"])
                 keys = [_mix(config.seed, step, i) for i, (sample, _) in fetched if sample is not None]
+                micro_batches.append((batch, keys))
+            counts = _step_target_counts([b for b, _ in micro_batches])
+            for micro, (batch, keys) in enumerate(micro_batches):
                 last = micro == config.grad_accumulation - 1
                 sync = contextlib.nullcontext() if last or ddp is model else ddp.no_sync()
                 with sync:
-                    loss, parts = _micro_step(ddp, criterion, batch, keys, info.device, autocast_dtype)
-                    loss = loss / config.grad_accumulation
+                    loss, parts = _micro_step(ddp, criterion, batch, keys, counts, info.device, autocast_dtype)
                     (scaler.scale(loss) if scaler is not None else loss).backward()
                 images += len(batch["targets"])
-                for k, v in parts.items():
-                    terms[k] = terms.get(k, 0.0) + v / config.grad_accumulation
+                for k, v in parts.items():  # each micro-batch holds its share of the step's normalised loss
+                    terms[k] = terms.get(k, 0.0) + v
             if scaler is not None:
                 scaler.unscale_(optimizer)
             params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -284,7 +287,19 @@ class _EpochIndexed(torch.utils.data.Dataset):
         return index, self.dataset[index]
 
 
-def _micro_step(model, criterion, batch, keys, device, autocast_dtype):
+def _step_target_counts(batches: list[dict[str, Any]]) -> list[int]:
+    """Target counts of every image of the step, over the micro-batches of every process."""
+    local = [int(t["labels"].numel()) for b in batches for t in b["targets"]]
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return local
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, local)
+    return [c for part in gathered for c in part]
+
+
+def _micro_step(model, criterion, batch, keys, counts, device, autocast_dtype):
     """(total loss, {"loss": float, each term (summed over auxiliary levels): float}) of one micro-batch."""
     if not batch["targets"]:  # every sample skipped: a zero loss that still touches every parameter (DDP)
         loss = sum(p.sum() for p in model.parameters()) * 0.0
@@ -293,7 +308,7 @@ def _micro_step(model, criterion, batch, keys, device, autocast_dtype):
     targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in batch["targets"]]
     with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
         outputs = model(pixel_values)
-    losses = criterion(outputs, targets, image_keys=keys)
+    losses = criterion(outputs, targets, image_keys=keys, step_target_counts=counts)
     total = criterion.total(losses)
     if not math.isfinite(float(total.detach())):
         raise FloatingPointError(f"non-finite training loss {float(total)}: "
