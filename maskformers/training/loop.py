@@ -259,8 +259,11 @@ def train(
                 tic = time.perf_counter()  # images/s measures training, not evaluation
             if out is not None and (step % config.checkpoint_every == 0 or step == last_steps):
                 if info.is_main:
-                    ckpt.save_checkpoint(out, _state(model, optimizer, scheduler, scaler, criterion, step, config,
-                                                     best), keep=config.keep_checkpoints)
+                    state = _state(model, optimizer, scheduler, scaler, criterion, step, config, best)
+                    per_epoch = len(dataset) // (config.batch_size * config.grad_accumulation * info.world_size)
+                    state["data_position"] = {"epoch": step // per_epoch, "batch_in_epoch": step % per_epoch,
+                                              "world_size": info.world_size}  # the next step's batch
+                    ckpt.save_checkpoint(out, state, keep=config.keep_checkpoints)
                 barrier()
     finally:
         if bar is not None:
