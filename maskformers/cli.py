@@ -4,6 +4,7 @@
     maskformers convert SRC DST [--force] [--config JSON]
     maskformers info [--build]
     maskformers build-ops [--device cpu|cuda|all]
+    maskformers train / evaluate / demo     (see maskformers.training.commands)
 """
 
 from __future__ import annotations
@@ -75,6 +76,12 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("build-ops", help="compile the native ms_deform_attn kernels now (else: on first use)")
     p.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
     p.set_defaults(run=_build_ops)
+
+    from .training.commands import add_demo_parser, add_evaluate_parser, add_train_parser
+
+    add_train_parser(sub)
+    add_evaluate_parser(sub)
+    add_demo_parser(sub)
     return parser
 
 

@@ -1,0 +1,337 @@
+"""The training loop: ``train(model, dataset, config=..., output_dir=...)``.
+
+One optimizer step = ``grad_accumulation`` micro-batches of ``batch_size`` images on each process.
+The data order is a function of the step alone (a seeded permutation per epoch, sliced by step, micro-
+batch and rank), augmentations are seeded per (epoch, index) and the criterion's points per (step,
+index), so a run resumed from a checkpoint repeats the uninterrupted run exactly (bit for bit on one
+CPU process), and N processes compute the same update as one process with the same global batch.
+
+Outputs in ``output_dir``: ``log.jsonl`` (one record per logged step and per evaluation; rank 0),
+``checkpoint-*.pt`` (see :mod:`.checkpoint`), ``best.pt`` (the model of the best evaluation),
+TensorBoard events when ``tensorboard`` is installed. A tqdm progress bar shows loss, lr and images/s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import checkpoint as ckpt
+from .config import TrainingConfig
+from .criterion import MaskFormerCriterion, _mix
+from .data import collate
+from .distributed import DistInfo, all_reduce_mean, barrier, setup
+from .matcher import HungarianMatcher
+from .optim import build_optimizer, build_scheduler
+
+__all__ = ["train", "TrainResult", "build_criterion", "batch_indices", "MAIN_METRIC"]
+
+MAIN_METRIC = {"panoptic": "PQ", "semantic": "mIoU", "instance": "AP"}
+
+
+@dataclass
+class TrainResult:
+    step: int
+    losses: list[dict[str, float]] = field(default_factory=list)  # logged records of this call
+    best: dict[str, Any] | None = None
+    skipped: int = 0
+
+
+def build_criterion(config: TrainingConfig, num_classes: int, extra_terms: dict[str, nn.Module] | None = None,
+                    extra_weights: dict[str, float] | None = None) -> MaskFormerCriterion:
+    weights = {"loss_cross_entropy": config.class_weight, "loss_mask": config.mask_weight,
+               "loss_dice": config.dice_weight, **(extra_weights or {})}
+    matcher = HungarianMatcher(cost_class=config.class_weight, cost_mask=config.mask_weight,
+                               cost_dice=config.dice_weight, num_points=config.num_points)
+    return MaskFormerCriterion(num_classes=num_classes, matcher=matcher, no_object_weight=config.no_object_weight,
+                               num_points=config.num_points, oversample_ratio=config.oversample_ratio,
+                               importance_sample_ratio=config.importance_sample_ratio, weights=weights,
+                               extra_terms=extra_terms)
+
+
+def batch_indices(step: int, micro: int, *, num_samples: int, config: TrainingConfig, rank: int = 0,
+                  world_size: int = 1) -> tuple[int, list[int]]:
+    """(epoch, dataset indices) of one micro-batch: global batch ``step`` of the epoch's permutation, the
+    slice of micro-batch ``micro`` on ``rank``. Incomplete global batches at an epoch's end are dropped."""
+    b = config.batch_size
+    global_batch = b * config.grad_accumulation * world_size
+    per_epoch = num_samples // global_batch
+    if per_epoch < 1:
+        raise ValueError(f"the dataset has {num_samples} samples, fewer than one global batch of {global_batch}")
+    epoch, offset = divmod(step, per_epoch)
+    order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(_mix(config.seed, epoch)))
+    start = offset * global_batch + (micro * world_size + rank) * b
+    return epoch, order[start:start + b].tolist()
+
+
+class _JsonlLog:
+    def __init__(self, path: Path | None, resume_step: int) -> None:
+        self.path = path
+        self.tb = None
+        if path is None:
+            return
+        if path.exists():  # drop records the resumed run will write again
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            path.write_text("".join(line + "\n" for line in kept))
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(path.parent / "tensorboard"))
+        except ImportError:
+            self.tb = None
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.path is None:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(k, v, record["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _state(model, optimizer, scheduler, scaler, criterion, step, config, best) -> dict[str, Any]:
+    module = model.module if hasattr(model, "module") else model
+    model_config = getattr(module, "config", None)
+    return {
+        "model": module.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None, "criterion": criterion.state_dict(),
+        "step": step, "rng": ckpt.rng_state(), "training_config": config.to_dict(), "best": best,
+        "model_config": model_config.to_dict() if hasattr(model_config, "to_dict") else None,
+        "id2label": dict(getattr(module, "id2label", {}) or {}),
+    }
+
+
+def train(
+    model: nn.Module,
+    dataset: Any,
+    *,
+    config: TrainingConfig,
+    output_dir: str | Path | None = None,
+    val_dataset: Any = None,
+    resume: bool = False,
+    criterion: MaskFormerCriterion | None = None,
+    device: str | None = None,
+    progress: bool = True,
+    stop_after: int | None = None,
+    evaluate_fn: Callable[..., dict[str, float]] | None = None,
+) -> TrainResult:
+    """Train ``model`` on ``dataset`` (a :class:`~maskformers.training.data.TrainingDataset`).
+
+    output_dir: where logs and checkpoints go (None: neither). resume: continue from the newest readable
+    checkpoint in ``output_dir`` (falling back to an older one with a warning). stop_after: return after
+    this many steps of this call (the schedule still runs to ``config.max_steps``). evaluate_fn:
+    ``evaluate_fn(model, val_dataset, task=...)`` -> metrics (default: maskformers.evaluation).
+    Under torchrun the model is wrapped in DistributedDataParallel; rank 0 writes logs and checkpoints.
+    """
+    info: DistInfo = setup(device)
+    out = Path(output_dir) if output_dir is not None else None
+    if out is not None and info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    model = model.to(info.device)
+    if criterion is None:
+        criterion = build_criterion(config, num_classes=model.num_classes)
+    criterion = criterion.to(info.device)
+    optimizer = build_optimizer(model, lr=config.lr, weight_decay=config.weight_decay,
+                                backbone_lr_multiplier=config.backbone_lr_multiplier, extra_modules=[criterion])
+    scheduler = build_scheduler(optimizer, max_steps=config.max_steps, power=config.poly_power,
+                                warmup_steps=config.warmup_steps, warmup_factor=config.warmup_factor)
+    scaler = torch.amp.GradScaler(info.device.type) if config.amp == "fp16" else None
+    step, best = 0, None
+    if resume:
+        if out is None:
+            raise ValueError("resume=True needs output_dir")
+        found = ckpt.load_latest(out)
+        if found is not None:
+            state, path = found
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            criterion.load_state_dict(state.get("criterion", {}), strict=False)
+            if scaler is not None and state.get("scaler"):
+                scaler.load_state_dict(state["scaler"])
+            ckpt.set_rng_state(state["rng"])
+            step, best = int(state["step"]), state.get("best")
+    ddp = model
+    if info.world_size > 1:
+        ddp = nn.parallel.DistributedDataParallel(
+            model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+    log = _JsonlLog(out / "log.jsonl" if out is not None and info.is_main else None, step)
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.amp or "")
+    result = TrainResult(step=step, best=best)
+    last_steps = config.max_steps if stop_after is None else min(config.max_steps, step + stop_after)
+    bar = None
+    if progress and info.is_main:
+        from tqdm import tqdm
+
+        bar = tqdm(total=config.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+    plan = [batch_indices(st, micro, num_samples=len(dataset), config=config, rank=info.rank,
+                          world_size=info.world_size) for st in range(step, last_steps)
+            for micro in range(config.grad_accumulation)]
+    loader = torch.utils.data.DataLoader(_EpochIndexed(dataset), collate_fn=list, num_workers=config.num_workers,
+                                         batch_sampler=[[(e, i) for i in idx] for e, idx in plan])
+    batches = iter(loader)
+    tic, images = time.perf_counter(), 0
+    try:
+        while step < last_steps:
+            model.train()
+            terms: dict[str, float] = {}
+            micro_batches = []
+            for _ in range(config.grad_accumulation):
+                fetched = next(batches)  # [(index, (sample, target) or (None, reason))]
+                batch = collate([item for _, item in fetched])
+                result.skipped += len(batch["skipped"])
+                keys = [_mix(config.seed, step, i) for i, (sample, _) in fetched if sample is not None]
+                micro_batches.append((batch, keys))
+            counts = _step_target_counts([b for b, _ in micro_batches])
+            for micro, (batch, keys) in enumerate(micro_batches):
+                last = micro == config.grad_accumulation - 1
+                sync = contextlib.nullcontext() if last or ddp is model else ddp.no_sync()
+                with sync:
+                    loss, parts = _micro_step(ddp, criterion, batch, keys, counts, info.device, autocast_dtype)
+                    (scaler.scale(loss) if scaler is not None else loss).backward()
+                images += len(batch["targets"])
+                for k, v in parts.items():  # each micro-batch holds its share of the step's normalised loss
+                    terms[k] = terms.get(k, 0.0) + v
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            params = [p for g in optimizer.param_groups for p in g["params"]]
+            grad_norm = None
+            if config.clip_grad_norm:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.clip_grad_norm))
+            lr = max(g["lr"] for g in optimizer.param_groups)  # the base rate (heads)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+
+            values = all_reduce_mean(torch.tensor([terms[k] for k in sorted(terms)], dtype=torch.float64))
+            terms = dict(zip(sorted(terms), values.tolist()))
+            if step % config.log_every == 0 or step == last_steps:
+                elapsed = time.perf_counter() - tic
+                record = {"step": step, "lr": lr, "loss": terms["loss"],
+                          **{k: v for k, v in terms.items() if k != "loss"},
+                          "images_per_s": images * info.world_size / max(elapsed, 1e-9)}
+                if grad_norm is not None:
+                    record["grad_norm"] = grad_norm
+                log.write(record)
+                result.losses.append(record)
+                tic, images = time.perf_counter(), 0
+                if bar is not None:
+                    bar.set_postfix(loss=f"{terms['loss']:.3f}", lr=f"{lr:.2e}",
+                                    img_s=f"{record['images_per_s']:.1f}")
+            if bar is not None:
+                bar.update(1)
+
+            if val_dataset is not None and config.eval_every and (step % config.eval_every == 0 or step == last_steps):
+                metrics = _evaluate(model, val_dataset, config.task, info, evaluate_fn)
+                if info.is_main:
+                    main = metrics.get(MAIN_METRIC[config.task])
+                    log.write({"step": step, "eval": metrics})
+                    if main is not None and (best is None or main > best["value"]):
+                        best = {"step": step, "metric": MAIN_METRIC[config.task], "value": main}
+                        if out is not None:
+                            module = model.module if hasattr(model, "module") else model
+                            ckpt.atomic_save({"model": module.state_dict(), "best": best,
+                                              "id2label": dict(getattr(module, "id2label", {}) or {})},
+                                             out / "best.pt")
+                    result.best = best
+                tic = time.perf_counter()  # images/s measures training, not evaluation
+            if out is not None and (step % config.checkpoint_every == 0 or step == last_steps):
+                if info.is_main:
+                    state = _state(model, optimizer, scheduler, scaler, criterion, step, config, best)
+                    per_epoch = len(dataset) // (config.batch_size * config.grad_accumulation * info.world_size)
+                    state["data_position"] = {"epoch": step // per_epoch, "batch_in_epoch": step % per_epoch,
+                                              "world_size": info.world_size}  # the next step's batch
+                    ckpt.save_checkpoint(out, state, keep=config.keep_checkpoints)
+                barrier()
+    finally:
+        if bar is not None:
+            bar.close()
+        log.close()
+    result.step = step
+    return result
+
+
+class _EpochIndexed(torch.utils.data.Dataset):
+    """Items addressed by (epoch, index): sets the augmentation's epoch first (works in worker processes)."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[int, Any]:
+        epoch, index = key
+        transform = getattr(self.dataset, "transform", None)
+        if hasattr(transform, "set_epoch"):
+            transform.set_epoch(epoch)
+        return index, self.dataset[index]
+
+
+def _step_target_counts(batches: list[dict[str, Any]]) -> list[int]:
+    """Target counts of every image of the step, over the micro-batches of every process."""
+    local = [int(t["labels"].numel()) for b in batches for t in b["targets"]]
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return local
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, local)
+    return [c for part in gathered for c in part]
+
+
+def _micro_step(model, criterion, batch, keys, counts, device, autocast_dtype):
+    """(total loss, {"loss": float, each term (summed over auxiliary levels): float}) of one micro-batch."""
+    if not batch["targets"]:  # every sample skipped: a zero loss that still touches every parameter (DDP)
+        loss = sum(p.sum() for p in model.parameters()) * 0.0
+        return loss, {"loss": 0.0}
+    pixel_values = batch["pixel_values"].to(device, non_blocking=True)
+    targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in batch["targets"]]
+    with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        outputs = model(pixel_values)
+    losses = criterion(outputs, targets, image_keys=keys, step_target_counts=counts)
+    total = criterion.total(losses)
+    if not math.isfinite(float(total.detach())):
+        raise FloatingPointError(f"non-finite training loss {float(total)}: "
+                                 + ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items()))
+    parts = {"loss": float(total.detach())}
+    for k, v in losses.items():
+        base = k.rstrip("0123456789").rstrip("_") if k[-1].isdigit() else k
+        parts[base] = parts.get(base, 0.0) + float(v.detach())
+    return total, parts
+
+
+def _evaluate(model, dataset, task, info, evaluate_fn):
+    module = model.module if hasattr(model, "module") else model
+    if evaluate_fn is None:
+        from ..evaluation.evaluate import evaluate_model as evaluate_fn
+    was_training = module.training
+    module.eval()
+    try:
+        metrics = evaluate_fn(module, dataset, task=task, device=info.device) if info.is_main else {}
+    finally:
+        module.train(was_training)
+    barrier()
+    return metrics

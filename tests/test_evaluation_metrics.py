@@ -1,0 +1,137 @@
+"""Metrics on hand-made cases whose values are worked out by hand (PQ per panopticapi's definition,
+mIoU per detectron2/mmseg, mask AP per COCOeval), and a model evaluated end to end."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from maskformers.evaluation.panoptic_quality import PanopticQuality
+from maskformers.evaluation.semantic_iou import SemanticIoU
+
+
+def _row(*runs):
+    """A (1, W) map from (value, length) runs."""
+    return torch.tensor([v for v, n in runs for _ in range(n)]).view(1, -1)
+
+
+def test_panoptic_quality_hand_made():
+    pq = PanopticQuality(num_classes=2, thing_ids=[0])
+    # image 1: a thing matched with IoU 6/8; stuff matched with IoU 10/12 (2 of its pixels on void don't count)
+    gt = _row((1, 8), (2, 10), (0, 2))
+    pred = _row((5, 6), (6, 14))
+    pq.update(pred, [{"id": 5, "category_id": 0}, {"id": 6, "label_id": 1}], gt,
+              [{"id": 1, "category_id": 0}, {"id": 2, "category_id": 1}])
+    out = pq.compute()
+    assert out["PQ"] == pytest.approx((0.75 + 10 / 12) / 2 * 100)
+    assert out["SQ"] == pytest.approx(out["PQ"]) and out["RQ"] == pytest.approx(100)
+    # image 2: a prediction on a crowd region of its class and one on void are ignored; a poor match
+    # (IoU 2/5) is a false positive plus a false negative
+    gt = _row((1, 10), (2, 5), (0, 5))
+    pred = _row((3, 8), (0, 2), (4, 2), (0, 3), (7, 5))
+    pq.update(pred, [{"id": 3, "category_id": 0}, {"id": 4, "category_id": 0}, {"id": 7, "category_id": 1}], gt,
+              [{"id": 1, "category_id": 0, "iscrowd": 1}, {"id": 2, "category_id": 0}])
+    out = pq.compute()
+    assert pq.tp.tolist() == [1, 1] and pq.fp.tolist() == [1, 0] and pq.fn.tolist() == [1, 0]
+    assert out["PQ_th"] == pytest.approx(0.75 / 2 * 100) and out["RQ_th"] == pytest.approx(50)
+    assert out["SQ_th"] == pytest.approx(75)
+    assert out["PQ_st"] == pytest.approx(10 / 12 * 100)
+    assert out["PQ"] == pytest.approx((0.375 + 10 / 12) / 2 * 100)
+    assert out["n"] == 2 and out["n_th"] == 1 and out["n_st"] == 1
+
+
+def test_panoptic_quality_match_needs_iou_above_half_and_same_class():
+    pq = PanopticQuality(num_classes=3, thing_ids=[0, 1])
+    gt = _row((1, 10))
+    pq.update(_row((2, 5), (3, 5)), [{"id": 2, "category_id": 0}, {"id": 3, "category_id": 0}], gt,
+              [{"id": 1, "category_id": 0}])  # IoU exactly 0.5: no match
+    assert pq.tp.tolist() == [0, 0, 0] and pq.fp[0] == 2 and pq.fn[0] == 1
+    pq.update(_row((2, 10)), [{"id": 2, "category_id": 1}], gt, [{"id": 1, "category_id": 0}])
+    assert pq.fp[1] == 1 and pq.fn[0] == 2
+    out = pq.compute()
+    assert out["n"] == 2 and out["PQ"] == 0.0
+
+
+def test_panoptic_quality_bad_inputs():
+    pq = PanopticQuality(num_classes=2, thing_ids=[0])
+    with pytest.raises(ValueError, match="differ in size"):
+        pq.update(torch.zeros(2, 3), [], torch.zeros(3, 2), [])
+    with pytest.raises(ValueError, match=r"segment ids \[4\] missing"):
+        pq.update(torch.full((2, 2), 4), [], torch.zeros(2, 2), [])
+    with pytest.raises(ValueError, match="classes in 0..1"):
+        pq.update(torch.ones(2, 2), [{"id": 1, "category_id": 5}], torch.zeros(2, 2), [])
+
+
+def test_semantic_iou_hand_made():
+    m = SemanticIoU(num_classes=3, ignore_index=255)
+    m.update(torch.tensor([0, 1, 1, 1, 2, 2]), torch.tensor([0, 0, 1, 1, 255, 1]))
+    out = m.compute()
+    # class 0: 1 / 2; class 1: 2 / 4; class 2: predicted once where the truth is 1 -> IoU 0, still counted
+    assert out["per_class_IoU"] == pytest.approx({0: 50.0, 1: 50.0, 2: 0.0})
+    assert out["mIoU"] == pytest.approx(100 / 3)
+    assert out["pACC"] == pytest.approx(60.0)
+    m2 = SemanticIoU(num_classes=3)
+    m2.update(torch.tensor([0, 0]), torch.tensor([0, 255]))
+    assert m2.compute()["mIoU"] == 100.0  # classes absent from both are left out
+    with pytest.raises(ValueError, match="outside 0..2"):
+        m2.update(torch.tensor([3]), torch.tensor([0]))
+
+
+def test_mask_ap_hand_made():
+    pytest.importorskip("pycocotools")
+    from maskformers.evaluation.coco_ap import MaskAP
+
+    gt = torch.zeros(1, 20, 20, dtype=torch.bool)
+    gt[0, :10, :10] = True
+    perfect = MaskAP(class_ids=[0, 1])
+    perfect.update(gt, torch.tensor([0]), torch.tensor([0.9]), gt, torch.tensor([0]))
+    assert perfect.compute()["AP"] == pytest.approx(100.0)
+    partial = MaskAP(class_ids=[0, 1])
+    pred = torch.zeros_like(gt)
+    pred[0, :6, :10] = True
+    pred[0, 6, :2] = True  # 62 of the 100 pixels: IoU 0.62
+    partial.update(pred, torch.tensor([0]), torch.tensor([0.9]), gt, torch.tensor([0]))
+    out = partial.compute()
+    assert out["AP50"] == pytest.approx(100.0) and out["AP75"] == pytest.approx(0.0)
+    assert out["AP"] == pytest.approx(30.0)  # matched at IoU thresholds 0.50, 0.55, 0.60 of ten
+    assert out["APs"] == pytest.approx(30.0) and out["APl"] == -1.0  # no large objects
+    wrong_class = MaskAP(class_ids=[0, 1])
+    wrong_class.update(gt, torch.tensor([1]), torch.tensor([0.9]), gt, torch.tensor([0]))
+    assert wrong_class.compute()["AP"] == 0.0
+
+
+def test_evaluate_model_end_to_end_on_a_perfect_oracle():
+    """A fake model whose logits reproduce the ground truth must score 100 on every metric."""
+    pytest.importorskip("pycocotools")
+    from maskformers.evaluation.evaluate import evaluate_model
+    from maskformers.models.mask2former import Mask2FormerOutput
+    from maskformers.training.synthetic import SyntheticScenes
+
+    scenes = SyntheticScenes(3, size=64, seed=5)
+
+    class Oracle(torch.nn.Module):
+        num_classes = 8
+
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+            self.i = 0
+
+        def forward(self, pixel_values):
+            B, _, H, W = pixel_values.shape
+            Q = 12
+            cls = torch.full((B, Q, 9), -20.0)
+            cls[:, :, 8] = 20.0
+            masks = torch.full((B, Q, H, W), -20.0)  # full resolution: post-processing's resize is the identity
+            for b in range(B):
+                s = scenes[self.i]
+                self.i += 1
+                for q, (label, m) in enumerate(zip(s["labels"], s["masks"])):
+                    cls[b, q, 8], cls[b, q, label] = -20.0, 20.0
+                    masks[b, q, :64, :64] = torch.where(m, 20.0, -20.0)
+            return Mask2FormerOutput(class_logits=cls, mask_logits=masks, aux_outputs=[])
+
+    model = Oracle()
+    metrics = evaluate_model(model, scenes, tasks=["panoptic", "semantic", "instance"], batch_size=2)
+    for name in ("PQ", "SQ", "RQ", "PQ_th", "PQ_st", "mIoU", "pACC", "AP", "AP50", "AP75"):
+        assert metrics[name] == pytest.approx(100.0), name
