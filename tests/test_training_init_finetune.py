@@ -1,4 +1,5 @@
-"""Initialisation distributions as in the original repositories, and fine-tuning with a new label set."""
+"""Initialisation distributions as in the original repositories (the models' own initialisation), and
+fine-tuning with a new label set."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ from torch import nn
 
 from maskformers.models.mask2former import Mask2Former, Mask2FormerConfig, build_mask2former
 from maskformers.training.finetune import replace_class_head
-from maskformers.training.init import initialize_like_original
 
 CFG = dict(
     backbone={"name": "swin", "embed_dim": 32, "depths": [1, 1, 1, 1], "num_heads": [1, 2, 4, 8], "window_size": 7},
@@ -41,7 +41,7 @@ def _normal(w: torch.Tensor, std: float, what: str) -> None:
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    return initialize_like_original(build_mask2former(Mask2FormerConfig(**CFG)))
+    return build_mask2former(Mask2FormerConfig(**CFG))
 
 
 def test_pixel_decoder_initialisation(model):
@@ -77,8 +77,9 @@ def test_pixel_decoder_initialisation(model):
 
 def test_transformer_decoder_initialisation(model):
     td = model.transformer_decoder
-    for name in ("query_feat", "query_embed", "level_embed"):
-        _normal(getattr(td, name).weight, 1.0, name)
+    for name, embedding in (("query_feat", model.query_feat), ("query_embed", model.query_embed),
+                            ("level_embed", td.level_embed)):
+        _normal(embedding.weight, 1.0, name)
     q_k_v = [torch.cat([layer.cross_attn.attn.q_proj.weight, layer.cross_attn.attn.k_proj.weight,
                         layer.cross_attn.attn.v_proj.weight]) for layer in td.layers]
     for i, layer in enumerate(td.layers):
@@ -99,7 +100,7 @@ def test_transformer_decoder_initialisation(model):
 
 def test_decoder_input_projections_use_c2_xavier():
     torch.manual_seed(0)
-    m = initialize_like_original(build_mask2former(Mask2FormerConfig(**dict(CFG, conv_dim=128))))
+    m = build_mask2former(Mask2FormerConfig(**dict(CFG, conv_dim=128)))
     for proj in m.transformer_decoder.input_projs:
         _uniform(proj.weight, math.sqrt(3 / 128), "decoder input_proj")
         assert not proj.bias.any()

@@ -61,6 +61,9 @@ class DeformableEncoderLayer(nn.Module):
         self.linear2 = nn.Linear(ffn_dim, embed_dim)
         self.norm2 = nn.LayerNorm(embed_dim)
         self.dropout = nn.Dropout(dropout)
+        # the original encoder Xavier-fills every matrix before resetting MSDeformAttn; biases keep the default
+        nn.init.xavier_uniform_(self.linear1.weight)
+        nn.init.xavier_uniform_(self.linear2.weight)
 
     def forward(
         self,

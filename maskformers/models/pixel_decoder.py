@@ -124,11 +124,15 @@ class MSDeformAttnPixelDecoder(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_uniform_(m.weight, a=1)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        """The original initialisation: Xavier-uniform input projections with zero bias; c2-Xavier
+        (Kaiming-uniform a=1, zero bias) for the FPN and mask-feature convolutions; N(0, 1) level embedding."""
+        for proj in self.input_projs:
+            nn.init.xavier_uniform_(proj[0].weight, gain=1)
+            nn.init.zeros_(proj[0].bias)
+        for conv in [c[0] for c in (*self.lateral_convs, *self.output_convs)] + [self.mask_features]:
+            nn.init.kaiming_uniform_(conv.weight, a=1)
+            if conv.bias is not None:
+                nn.init.zeros_(conv.bias)
 
     def _check(self, features: Sequence[torch.Tensor]) -> None:
         if len(features) != len(self.in_channels):

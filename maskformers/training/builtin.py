@@ -52,13 +52,10 @@ def build_builtin_model(seed: int = 0):
     import torch
 
     from ..models.mask2former import Mask2FormerConfig, build_mask2former
-    from .init import initialize_like_original
     from .synthetic import SYNTHETIC_CLASSES
 
     torch.manual_seed(seed)
-    model = build_mask2former(Mask2FormerConfig.from_dict(BUILTIN_MODEL_CONFIG),
-                              id2label=dict(enumerate(SYNTHETIC_CLASSES)))
-    return initialize_like_original(model)
+    return build_mask2former(Mask2FormerConfig.from_dict(BUILTIN_MODEL_CONFIG), id2label=dict(enumerate(SYNTHETIC_CLASSES)))
 
 
 def load_builtin_model():

@@ -154,10 +154,9 @@ def _load_model(spec: str | None, seed: int = 0) -> Any:
         import torch
 
         from ..models.mask2former import Mask2FormerConfig, build_mask2former
-        from .init import initialize_like_original
 
         torch.manual_seed(seed)
-        return initialize_like_original(build_mask2former(Mask2FormerConfig.from_dict(json.loads(path.read_text()))))
+        return build_mask2former(Mask2FormerConfig.from_dict(json.loads(path.read_text())))
     from ..models.mask2former import Mask2Former
 
     return Mask2Former.from_pretrained(spec)
