@@ -26,7 +26,7 @@ import torch
 
 from .checkpoint_io import UnsafePickleError, load_d2_checkpoint
 from .d2_backbone import backbone_rules, detect_d2_backbone
-from .rules import ConversionError, Rule, apply_rules
+from .rules import ConversionError, Rule, apply_rules, packed_qkv
 
 __all__ = [
     "load_checkpoint", "rules", "convert_state_dict", "infer_architecture", "shared_architecture", "decoder_rules",
@@ -66,10 +66,7 @@ def decoder_rules(src: str = PREDICTOR, dst: str = "transformer_decoder.") -> li
     """The masked-attention decoder and its heads (shared by Mask2Former and OneFormer), plus the queries'
     position embeddings ``query_embed`` (a top-level parameter of both of our models)."""
     s, d = re.escape(src), dst
-
-    def qkv(prefix: str) -> tuple[str, ...]:  # packed in_proj rows are q, k, v in that order
-        return tuple(prefix + p + r"_proj.\2" for p in ("q", "k", "v"))
-
+    qkv = lambda prefix: packed_qkv(prefix, 2)  # noqa: E731
     sa, ca, ffn = (rf"{s}transformer_{n}_layers\.(\d+)\." for n in ("self_attention", "cross_attention", "ffn"))
     return [
         Rule(rf"{s}query_embed\.weight", "query_embed.weight"),

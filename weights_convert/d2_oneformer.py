@@ -37,7 +37,7 @@ import torch
 from . import d2_mask2former
 from .checkpoint_io import UnsafePickleError, load_d2_checkpoint
 from .d2_backbone import backbone_rules, detect_d2_backbone
-from .rules import ConversionError, Rule, apply_rules
+from .rules import ConversionError, Rule, apply_rules, packed_qkv
 
 __all__ = [
     "load_checkpoint", "rules", "convert_state_dict", "infer_architecture", "original_model_type",
@@ -55,26 +55,28 @@ def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     return load_d2_checkpoint(path)
 
 
-def _qkv(prefix: str, group: int) -> tuple[str, ...]:
-    """Targets of a packed ``in_proj_{weight,bias}`` (rows q, k, v); the param name is match group ``group``."""
-    return tuple(f"{prefix}{p}_proj.\\{group}" for p in ("q", "k", "v"))
-
-
-def query_transformer_rules(src: str = PREDICTOR, dst: str = "query_transformer.") -> list[Rule]:
-    """``class_input_proj`` and ``class_transformer.decoder.*`` -> :class:`~maskformers.models.QueryTransformer`."""
-    s, d = re.escape(src), dst
-    lay = rf"{s}class_transformer\.decoder\.layers\.(\d+)\."
+def query_transformer_rules(
+    input_proj: str = PREDICTOR + "class_input_proj.",
+    decoder: str = PREDICTOR + "class_transformer.decoder.",
+    dst: str = "query_transformer.",
+) -> list[Rule]:
+    """The original's ``class_input_proj`` and DETR decoder (``class_transformer.decoder.{layers.{i}, norm}``:
+    ``self_attn`` / ``multihead_attn`` packed, ``norm1/2/3`` after self-attention / cross-attention / FFN,
+    ``linear1/2``) -> :class:`~maskformers.models.QueryTransformer`. transformers kept the same inner names
+    under other prefixes (``weights_convert.hf_oneformer`` passes them)."""
+    p, s, d = re.escape(input_proj), re.escape(decoder), dst
+    lay = rf"{s}layers\.(\d+)\."
     return [
-        Rule(rf"{s}class_input_proj\.{_P}", rf"{d}input_proj.\1"),
-        Rule(lay + rf"self_attn\.in_proj_{_P}", None, split=_qkv(rf"{d}layers.\1.self_attn.attn.", 2)),
+        Rule(rf"{p}{_P}", rf"{d}input_proj.\1"),
+        Rule(lay + rf"self_attn\.in_proj_{_P}", None, split=packed_qkv(rf"{d}layers.\1.self_attn.attn.", 2)),
         Rule(lay + rf"self_attn\.out_proj\.{_P}", rf"{d}layers.\1.self_attn.attn.out_proj.\2"),
-        Rule(lay + rf"multihead_attn\.in_proj_{_P}", None, split=_qkv(rf"{d}layers.\1.cross_attn.attn.", 2)),
+        Rule(lay + rf"multihead_attn\.in_proj_{_P}", None, split=packed_qkv(rf"{d}layers.\1.cross_attn.attn.", 2)),
         Rule(lay + rf"multihead_attn\.out_proj\.{_P}", rf"{d}layers.\1.cross_attn.attn.out_proj.\2"),
         Rule(lay + rf"norm1\.{_P}", rf"{d}layers.\1.self_attn.norm.\2"),
         Rule(lay + rf"norm2\.{_P}", rf"{d}layers.\1.cross_attn.norm.\2"),
         Rule(lay + rf"norm3\.{_P}", rf"{d}layers.\1.ffn.norm.\2"),
         Rule(lay + rf"(linear1|linear2)\.{_P}", rf"{d}layers.\1.ffn.\2.\3"),
-        Rule(rf"{s}class_transformer\.decoder\.norm\.{_P}", rf"{d}norm.\1"),
+        Rule(rf"{s}norm\.{_P}", rf"{d}norm.\1"),
     ]
 
 
@@ -85,7 +87,7 @@ def text_mapper_rules(dst: str = "text_mapper.") -> list[Rule]:
     return [
         Rule(r"text_encoder\.(token_embedding\.weight|positional_embedding)", rf"{enc}\1"),
         Rule(rf"text_encoder\.ln_final\.{_P}", rf"{enc}final_norm.\1"),
-        Rule(block + rf"attn\.in_proj_{_P}", None, split=_qkv(rf"{enc}layers.\1.attn.", 2)),
+        Rule(block + rf"attn\.in_proj_{_P}", None, split=packed_qkv(rf"{enc}layers.\1.attn.", 2)),
         Rule(block + rf"attn\.out_proj\.{_P}", rf"{enc}layers.\1.attn.out_proj.\2"),
         Rule(block + rf"ln_([12])\.{_P}", rf"{enc}layers.\1.norm\2.\3"),
         Rule(block + rf"mlp\.c_fc\.{_P}", rf"{enc}layers.\1.mlp.fc1.\2"),

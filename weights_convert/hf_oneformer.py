@@ -25,16 +25,12 @@ from collections.abc import Mapping
 import torch
 
 from .hf_mask2former import HF_BACKBONE, HF_PIXEL_DECODER, HF_TRANSFORMER, pixel_decoder_rules
-from .rules import Rule, apply_rules
+from .d2_oneformer import query_transformer_rules as _original_query_transformer_rules
+from .rules import Rule, apply_rules, packed_qkv
 
 __all__ = ["rules", "convert_state_dict", "decoder_rules", "query_transformer_rules", "text_mapper_rules"]
 
 _P = r"(weight|bias)"
-
-
-def _qkv(prefix: str, group: int) -> tuple[str, ...]:
-    """Targets of a packed ``in_proj_{weight,bias}`` (rows q, k, v), the param name in group ``group``."""
-    return tuple(f"{prefix}{p}_proj.\\{group}" for p in ("q", "k", "v"))
 
 
 def decoder_rules(src: str = HF_TRANSFORMER, dst: str = "transformer_decoder.") -> list[Rule]:
@@ -45,7 +41,7 @@ def decoder_rules(src: str = HF_TRANSFORMER, dst: str = "transformer_decoder.") 
         Rule(rf"{s}queries_embedder\.weight", "query_embed.weight"),
         Rule(rf"{s}level_embed\.weight", f"{d}level_embed.weight"),
         Rule(rf"{s}input_projections\.(\d+)\.{_P}", rf"{d}input_projs.\1.\2"),
-        Rule(lay + rf"cross_attn\.multihead_attn\.in_proj_{_P}", None, split=_qkv(rf"{d}layers.\1.cross_attn.attn.", 2)),
+        Rule(lay + rf"cross_attn\.multihead_attn\.in_proj_{_P}", None, split=packed_qkv(rf"{d}layers.\1.cross_attn.attn.", 2)),
         Rule(lay + rf"cross_attn\.multihead_attn\.out_proj\.{_P}", rf"{d}layers.\1.cross_attn.attn.out_proj.\2"),
         Rule(lay + rf"cross_attn\.norm\.{_P}", rf"{d}layers.\1.cross_attn.norm.\2"),
         Rule(lay + rf"self_attn\.self_attn\.(q_proj|k_proj|v_proj|out_proj)\.{_P}", rf"{d}layers.\1.self_attn.attn.\2.\3"),
@@ -58,20 +54,8 @@ def decoder_rules(src: str = HF_TRANSFORMER, dst: str = "transformer_decoder.") 
 
 
 def query_transformer_rules(src: str = HF_TRANSFORMER + "decoder.", dst: str = "query_transformer.") -> list[Rule]:
-    s, d = re.escape(src), dst
-    lay = rf"{s}query_transformer\.decoder\.layers\.(\d+)\."
-    return [
-        Rule(rf"{s}query_input_projection\.{_P}", rf"{d}input_proj.\1"),
-        Rule(lay + rf"self_attn\.in_proj_{_P}", None, split=_qkv(rf"{d}layers.\1.self_attn.attn.", 2)),
-        Rule(lay + rf"self_attn\.out_proj\.{_P}", rf"{d}layers.\1.self_attn.attn.out_proj.\2"),
-        Rule(lay + rf"multihead_attn\.in_proj_{_P}", None, split=_qkv(rf"{d}layers.\1.cross_attn.attn.", 2)),
-        Rule(lay + rf"multihead_attn\.out_proj\.{_P}", rf"{d}layers.\1.cross_attn.attn.out_proj.\2"),
-        Rule(lay + rf"norm1\.{_P}", rf"{d}layers.\1.self_attn.norm.\2"),
-        Rule(lay + rf"norm2\.{_P}", rf"{d}layers.\1.cross_attn.norm.\2"),
-        Rule(lay + rf"norm3\.{_P}", rf"{d}layers.\1.ffn.norm.\2"),
-        Rule(lay + rf"(linear1|linear2)\.{_P}", rf"{d}layers.\1.ffn.\2.\3"),
-        Rule(rf"{s}query_transformer\.decoder\.norm\.{_P}", rf"{d}norm.\1"),
-    ]
+    """``query_input_projection`` and ``query_transformer.decoder.*``: the original's names inside."""
+    return _original_query_transformer_rules(src + "query_input_projection.", src + "query_transformer.decoder.", dst)
 
 
 def text_mapper_rules(src: str = "model.text_mapper.", dst: str = "text_mapper.") -> list[Rule]:
@@ -80,7 +64,7 @@ def text_mapper_rules(src: str = "model.text_mapper.", dst: str = "text_mapper."
     return [
         Rule(rf"{s}text_encoder\.(token_embedding\.weight|positional_embedding)", rf"{d}text_encoder.\1"),
         Rule(rf"{s}text_encoder\.ln_final\.{_P}", rf"{d}text_encoder.final_norm.\1"),
-        Rule(lay + rf"self_attn\.in_proj_{_P}", None, split=_qkv(rf"{d}text_encoder.layers.\1.attn.", 2)),
+        Rule(lay + rf"self_attn\.in_proj_{_P}", None, split=packed_qkv(rf"{d}text_encoder.layers.\1.attn.", 2)),
         Rule(lay + rf"self_attn\.out_proj\.{_P}", rf"{d}text_encoder.layers.\1.attn.out_proj.\2"),
         Rule(lay + rf"layer_norm([12])\.{_P}", rf"{d}text_encoder.layers.\1.norm\2.\3"),
         Rule(lay + rf"mlp\.(fc1|fc2)\.{_P}", rf"{d}text_encoder.layers.\1.mlp.\2.\3"),

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["ConversionError", "Rule", "apply_rules"]
+__all__ = ["ConversionError", "Rule", "apply_rules", "packed_qkv"]
 
 Target = str | Callable[[re.Match], str]
 
@@ -54,6 +54,12 @@ class Rule:
 
     def expand(self, match: re.Match, template: Target) -> str:
         return template(match) if callable(template) else match.expand(template)
+
+
+def packed_qkv(prefix: str, group: int) -> tuple[str, ...]:
+    """``split`` targets of a packed ``nn.MultiheadAttention`` ``in_proj_{weight,bias}`` (rows q, k, v, in
+    that order) -> ``{prefix}{q,k,v}_proj.<param>``, the param name being match group ``group``."""
+    return tuple(f"{prefix}{p}_proj.\\{group}" for p in ("q", "k", "v"))
 
 
 def apply_rules(
