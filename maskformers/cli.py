@@ -30,7 +30,8 @@ def _build_ops(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from .hub import CheckpointError, convert
+    from .convert import convert
+    from .hub import CheckpointError
 
     try:
         config = None

@@ -12,8 +12,8 @@ right model, like transformers' Auto classes:
 
 Weights load strictly: missing, unexpected or mis-shaped keys raise one :class:`CheckpointError`
 summarising them all. safetensors is preferred when both formats exist; ``.bin`` files load with
-``torch.load(weights_only=True)``. :func:`convert` turns any supported source (also the original
-repositories' ``.pkl``/``.pth`` files) into our layout, never over its own source.
+``torch.load(weights_only=True)``. :func:`maskformers.convert.convert` turns any supported source (also the
+original repositories' ``.pkl``/``.pth`` files) into our layout.
 
 This module imports the model classes only when it builds one, so ``models`` and ``hub`` do not
 import each other at import time.
@@ -38,11 +38,12 @@ from .ops.backend import check_backend, set_backend
 __all__ = [
     "CheckpointError",
     "MODEL_TYPES",
+    "ModelTypeAPI",
     "OUR_CONFIG",
     "checkpoint_model_type",
-    "convert",
     "from_pretrained",
     "load_state_dict_strict",
+    "model_type_api",
     "read_weights",
     "resolve_checkpoint",
     "save_pretrained",
@@ -186,7 +187,10 @@ def checkpoint_model_type(folder: Path) -> str:
 # ------------------------------------------------------------------------------------------------
 
 
-class _ModelType(NamedTuple):
+class ModelTypeAPI(NamedTuple):
+    """What loading needs of one model type: its config class and builder, the transformers config parser
+    and defaults, and the transformers weight converter."""
+
     config_class: type
     build: Callable[..., nn.Module]
     config_from_hf: Callable[..., dict[str, Any]]
@@ -194,7 +198,7 @@ class _ModelType(NamedTuple):
     convert_hf: Callable[..., dict[str, torch.Tensor]]
 
 
-def _model_type(name: str) -> _ModelType:
+def model_type_api(name: str) -> ModelTypeAPI:
     from weights_convert import hf_config
 
     if name == "mask2former":
@@ -202,14 +206,14 @@ def _model_type(name: str) -> _ModelType:
 
         from .models.mask2former import Mask2FormerConfig, build_mask2former
 
-        return _ModelType(Mask2FormerConfig, build_mask2former, hf_config.mask2former_config_from_hf,
+        return ModelTypeAPI(Mask2FormerConfig, build_mask2former, hf_config.mask2former_config_from_hf,
                           hf_config.MASK2FORMER_DEFAULTS, hf_mask2former.convert_state_dict)
     if name == "oneformer":
         from weights_convert import hf_oneformer
 
         from .models.oneformer import OneFormerConfig, build_oneformer
 
-        return _ModelType(OneFormerConfig, build_oneformer, hf_config.oneformer_config_from_hf,
+        return ModelTypeAPI(OneFormerConfig, build_oneformer, hf_config.oneformer_config_from_hf,
                           hf_config.ONEFORMER_DEFAULTS, hf_oneformer.convert_state_dict)
     raise CheckpointError(f"unsupported model_type={name!r}; supported: {', '.join(MODEL_TYPES)}")
 
@@ -260,7 +264,7 @@ def _load_folder(folder: Path, expected_type: str | None) -> nn.Module:
             f"{folder} holds a {model_type} checkpoint, not a {expected_type} one; use "
             "maskformers.from_pretrained to load whichever it is"
         )
-    api = _model_type(model_type)
+    api = model_type_api(model_type)
     from weights_convert import ConversionError
 
     if (folder / OUR_CONFIG).is_file():
@@ -382,77 +386,3 @@ def save_pretrained(model: nn.Module, folder: str | Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
-
-
-def _same_place(a: Path, b: Path) -> bool:
-    try:
-        return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
-    except OSError:
-        return False
-
-
-def convert(src: str | Path, dst: str | Path, *, config: Any = None, force: bool = False) -> Path:
-    """Convert ``src`` to our layout in folder ``dst`` (the ``maskformers convert SRC DST`` command).
-
-    src: a hub id or folder (transformers or our layout), or an original-repository checkpoint file: a
-    Mask2Former ``.pkl`` model-zoo file or ``.pth``, or a OneFormer ``.pth`` (which of the two is read
-    from its keys). For those files the architecture is read from the weights, with what the weights
-    do not show (8 attention heads, 4 sampling points follow; OneFormer's dropout and task norm) taken
-    from the published models. ``config`` replaces that: a ``Mask2FormerConfig`` / ``OneFormerConfig``
-    used as is, or a dict of fields that override the inferred ones (``{"num_heads": 16}``).
-
-    ``dst`` must not be ``src`` nor lie inside it, and must be missing or empty unless ``force`` (then
-    our files in it are replaced); the result is written into a temporary folder and moved at the end.
-    """
-    src_path, dst = Path(src).expanduser(), Path(dst).expanduser()
-    if src_path.exists() and (_same_place(src_path, dst) or src_path.resolve() in dst.resolve().parents):
-        raise ValueError(f"dst {str(dst)!r} is the source {str(src)!r} or inside it; choose another folder")
-    if dst.exists() and not dst.is_dir():
-        raise ValueError(f"dst {str(dst)!r} is a file, not a folder")
-    if dst.is_dir() and any(dst.iterdir()) and not force:
-        raise ValueError(f"dst {str(dst)!r} is not empty; pass force=True (--force) to replace our files in it")
-    if src_path.is_file():
-        model = _convert_original_file(src_path, config)
-    else:
-        if config is not None:
-            raise ValueError("config is only used for original checkpoint files; folders and hub ids carry their own")
-        model = from_pretrained(src)
-    return save_pretrained(model, dst)
-
-
-def _original_config(api: _ModelType, converter: Any, raw: Mapping[str, torch.Tensor], config: Any, model_type: str):
-    """The architecture of an original checkpoint: inferred from ``raw``, or ``config`` (instance / overrides)."""
-    if isinstance(config, api.config_class):
-        return config
-    if config is not None and not isinstance(config, Mapping):
-        raise ValueError(
-            f"this file holds a {model_type} checkpoint: config must be a {api.config_class.__name__} or a dict of "
-            f"its fields, got {type(config).__name__}"
-        )
-    overrides = dict(config or {})
-    heads = {"num_heads": overrides["num_heads"]} if "num_heads" in overrides else {}  # the sampling points follow
-    fields = {**converter.infer_architecture(raw, **heads), **overrides}
-    return api.config_class.from_dict(fields)
-
-
-def _convert_original_file(path: Path, config: Any) -> nn.Module:
-    """A Mask2Former or OneFormer (which one: read from the keys) from an original-repository file."""
-    import pickle
-
-    from weights_convert import ConversionError, d2_mask2former, d2_oneformer
-    from weights_convert.checkpoint_io import load_d2_checkpoint
-
-    try:
-        raw = load_d2_checkpoint(path)
-        model_type = d2_oneformer.original_model_type(raw, source=str(path))
-        converter = d2_oneformer if model_type == "oneformer" else d2_mask2former
-        api = _model_type(model_type)
-        config = _original_config(api, converter, raw, config, model_type)
-        state = converter.convert_state_dict(raw, backbone_type=config.backbone["name"], source=str(path))
-    except (ConversionError, pickle.UnpicklingError) as exc:
-        raise CheckpointError(str(exc)) from exc
-    except (ValueError, TypeError) as exc:  # unreadable file, invalid config fields
-        raise CheckpointError(str(exc) if str(path) in str(exc) else f"{path}: {exc}") from exc
-    model = api.build(config)
-    load_state_dict_strict(model, state, source=str(path))
-    return model

@@ -15,7 +15,8 @@ from torch import nn
 from oneformer_d2_helpers import (
     CONVNEXT, SWIN, ours_to_original, random_oneformer, task_ids, text_ids, tiny_config,
 )
-from maskformers.hub import CheckpointError, convert, from_pretrained
+from maskformers.convert import convert
+from maskformers.hub import CheckpointError, from_pretrained
 from maskformers.models.config import OneFormerConfig
 from maskformers.models.oneformer import OneFormer
 from weights_convert import ConversionError, d2_oneformer

@@ -26,7 +26,8 @@ from mask2former_helpers import (
     our_predictions,
     tiny_hf_config,
 )
-from maskformers.hub import CheckpointError, convert, from_pretrained
+from maskformers.convert import convert
+from maskformers.hub import CheckpointError, from_pretrained
 
 
 def load_mask2former(path, **kwargs):

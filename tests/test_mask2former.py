@@ -10,8 +10,6 @@ from maskformers.ops import set_backend
 from mask2former_helpers import F64, assert_float32_noise, perturb_, tiny_hf_config
 from maskformers.layers import prediction_heads
 from maskformers.models.mask2former import (
-    DATASETS,
-    Mask2Former,
     Mask2FormerConfig,
     Mask2FormerOutput,
     build_mask2former,

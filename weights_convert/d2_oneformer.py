@@ -162,7 +162,7 @@ def _text_architecture(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]
         "text_layers": _layers(state_dict, r"text_encoder\.transformer\.resblocks\.(\d+)\.ln_1\.weight", "text layers"),
         "text_heads": max(1, width // 64),  # the original's rule: heads = width // 64
         "text_vocab_size": vocab,
-        "text_proj_layers": _layers(state_dict, rf"text_projector\.layers\.(\d+)\.weight", "text projector layers"),
+        "text_proj_layers": _layers(state_dict, r"text_projector\.layers\.(\d+)\.weight", "text projector layers"),
         "text_n_ctx": 0 if ctx is None else int(ctx.shape[0]),
         "text_causal_mask": True,
     }
@@ -202,7 +202,7 @@ def infer_architecture(
         **arch,
         "encoder_dropout": PUBLISHED["dropout"],
         "task_seq_len": int(state_dict["task_mlp.layers.0.weight"].shape[1]),
-        "task_mlp_layers": _layers(state_dict, rf"task_mlp\.layers\.(\d+)\.weight", "task MLP layers"),
+        "task_mlp_layers": _layers(state_dict, r"task_mlp\.layers\.(\d+)\.weight", "task MLP layers"),
         "query_dec_layers": query_layers,
         "query_dropout": PUBLISHED["dropout"],
         "use_task_norm": PUBLISHED["use_task_norm"],

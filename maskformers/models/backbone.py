@@ -39,8 +39,6 @@ __all__ = [
     "swin_base",
     "swin_large",
     "resnet_backbone",
-    "backbone_from_hf_config",
-    "backbone_spec_from_hf_config",
     "build_backbone",
     "swin_block_forward",
     "shifted_window_mask",
