@@ -328,3 +328,31 @@ def test_set_backend_and_use_backend(monkeypatch):
             pass
     with pytest.raises(ValueError, match="Linear has no layer that calls a maskformers op"):
         set_backend(torch.nn.Linear(2, 2), "reference")
+
+
+# ----------------------------------------------------------------------------- double backward
+@needs_native_cpu
+def test_double_backward_through_native_raises_at_the_first_backward():
+    # issue 9 item 17: the first gradients used to claim requires_grad=True and the second backward failed
+    # with torch's generic "no autograd formula"; now the first backward refuses and names the way out
+    value, shapes, starts, loc, w = make_inputs()
+    inputs = tuple(t.requires_grad_() for t in (value, loc, w))
+    out = ms_deform_attn(value, shapes, starts, loc, w, backend="native")
+    with pytest.raises(RuntimeError, match=r"no double backward.*create_graph=True.*backend='reference'"):
+        torch.autograd.grad(out.square().sum(), inputs, create_graph=True)
+    # only the graph-building backward is refused: plain first-order gradients are unaffected
+    grads = torch.autograd.grad(ms_deform_attn(value, shapes, starts, loc, w, backend="native").sum(), inputs)
+    assert not any(g.requires_grad for g in grads)
+
+
+def test_reference_backend_gives_second_derivatives():
+    value, shapes, starts, loc, w = make_inputs(shapes=((3, 2), (2, 3)), batch=1, queries=2, heads=1, head_dim=2, points=2)
+    with torch.no_grad():  # keep finite differences away from the bilinear kinks
+        pix = loc * torch.tensor([[2.0, 3.0], [3.0, 2.0]], dtype=loc.dtype)[:, None, :] - 0.5
+        loc.add_(torch.where((pix - pix.round()).abs() < 1e-2, 0.02, 0.0))
+
+    def fn(v, l, a):
+        return ms_deform_attn(v, shapes, starts, l, a, backend="reference")
+
+    inputs = tuple(t.requires_grad_() for t in (value, loc, w))
+    assert torch.autograd.gradgradcheck(fn, inputs, eps=1e-6, atol=1e-6)

@@ -84,8 +84,24 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
 
 
+DOUBLE_BACKWARD_ERROR = (
+    "ms_deform_attn: the native backend has no double backward, and this backward was asked to build a "
+    "graph of itself (create_graph=True: higher-order gradients, gradient penalties). Run this computation "
+    "with backend='reference' (maskformers.ops.set_backend(model, 'reference'), or inside "
+    "`with maskformers.ops.use_backend('reference'):`), whose gradients are differentiable."
+)
+
+
+def _check_no_double_backward(*tensors: torch.Tensor) -> None:
+    # Autograd runs a backward in grad mode only under create_graph=True; then the gradients returned
+    # here would claim requires_grad=True while their own backward does not exist. Refuse up front.
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        raise RuntimeError(DOUBLE_BACKWARD_ERROR)
+
+
 def _backward(ctx, grad_output):
     value, spatial_shapes, level_start_index, sampling_locations, attention_weights = ctx.saved_tensors
+    _check_no_double_backward(grad_output, value, sampling_locations, attention_weights)
     grad_value, grad_locations, grad_weights = _native_backward(
         value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_output.contiguous()
     )
@@ -168,6 +184,11 @@ def ms_deform_attn(
     backend: None (native kernel when available for the tensors' device, else the reference with a
     warning), "native" or "reference". The native kernels accumulate in float32 (float64 for float64
     inputs) and keep sampling coordinates in float32 for 16-bit values.
+
+    NaN or +-inf sampling locations propagate as in grid_sample, on both backends: the output row of that
+    (query, head) becomes NaN, and so do the sample's attention-weight gradient and the gradient of the
+    other coordinate of its location. The native backend has first derivatives only; a backward with
+    ``create_graph=True`` through it raises and names the reference backend, which supports it.
     """
     check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     if resolve_backend(backend, value.device) == "reference":
