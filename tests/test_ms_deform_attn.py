@@ -170,7 +170,7 @@ def test_unknown_backend_raises():
 
 @pytest.fixture
 def native_broken(monkeypatch):
-    def fail(device_type):
+    def fail(device_type, op="ms_deform_attn"):
         raise build.NativeOpUnavailable("simulated: compiler missing")
 
     monkeypatch.setattr(build, "load_extension", fail)

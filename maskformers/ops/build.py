@@ -75,6 +75,15 @@ OPS = {
         headers=("ms_deform_attn_math.h", "ms_deform_attn_checks.h"),
         sources={"cpu": ("ms_deform_attn_cpu.cpp",), "cuda": ("ms_deform_attn_cuda.cu", "ms_deform_attn_cuda_bind.cpp")},
     ),
+    "neighborhood_attention": OpSources(
+        op="neighborhood_attention",
+        tag="na",
+        headers=("neighborhood_attention_math.h", "neighborhood_attention_checks.h"),
+        sources={
+            "cpu": ("neighborhood_attention_cpu.cpp",),
+            "cuda": ("neighborhood_attention_cuda.cu", "neighborhood_attention_cuda_bind.cpp"),
+        },
+    ),
 }
 DEFAULT_OP = "ms_deform_attn"
 
