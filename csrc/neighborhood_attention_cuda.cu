@@ -170,7 +170,8 @@ __global__ void __launch_bounds__(kThreads)
     backward_query_kernel(const scalar_t* __restrict__ query, const scalar_t* __restrict__ key,
                           const scalar_t* __restrict__ value, const scalar_t* __restrict__ rpb,
                           const at::opmath_type<scalar_t>* __restrict__ lse, const scalar_t* __restrict__ grad_out,
-                          at::opmath_type<scalar_t>* __restrict__ probs, at::opmath_type<scalar_t>* __restrict__ grad_logits,
+                          at::opmath_type<scalar_t>* __restrict__ probs,
+                          at::opmath_type<scalar_t>* __restrict__ grad_logits,
                           scalar_t* __restrict__ grad_query, const Dims d, const at::opmath_type<scalar_t> scale) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;

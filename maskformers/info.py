@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
             status |= int(state == "failed")
             label = {"built": "available, built", "not built": "available, not built yet"}.get(state, state)
             if device_type == "cuda" and state in ("built", "not built") and not torch.cuda.is_available():
-                label = "compiles but cannot run here (no GPU visible), " + ("built" if state == "built" else "not built yet")
+                built = "built" if state == "built" else "not built yet"
+                label = f"compiles but cannot run here (no GPU visible), {built}"
             print(f"  {device_type}: {label}: {text}")
     return status
 

@@ -197,7 +197,8 @@ def test_original_oneformer_names_convert_to_the_same_weights(hf_dinat_runs):
     for key in from_hf:
         assert torch.equal(from_d2[key], from_hf[key]), key
     with pytest.raises(ConversionError, match="match no rule"):
-        d2_dinat.convert({**original_names(state), "backbone.levels.0.blocks.0.attn.relative_position_index": torch.zeros(1)})
+        extra = "backbone.levels.0.blocks.0.attn.relative_position_index"
+        d2_dinat.convert({**original_names(state), extra: torch.zeros(1)})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -239,7 +240,8 @@ def test_builders_have_the_published_shapes():
         assert sum(p.numel() for p in model.parameters()) == parameter_count(
             embed, depths, heads, kernel, ratio, layer_scale=build is dinat_base)
     large = dinat_large()
-    assert [[b.attn.dilation for b in level.blocks] for level in large.levels] == [list(d) for d in DINAT_L_DILATIONS["640"]]
+    schedule = [[b.attn.dilation for b in level.blocks] for level in large.levels]
+    assert schedule == [list(d) for d in DINAT_L_DILATIONS["640"]]
     assert sum(p.numel() for p in large.parameters()) == 199_609_938  # ~200M as published; 223M with OneFormer
     city = dinat_large(schedule="cityscapes")
     assert city.levels[2].blocks[5].attn.dilation == 4 and city.levels[0].blocks[0].attn.kernel_size == 7
@@ -304,3 +306,16 @@ def test_training_step_and_gradient_checkpointing():
     for g, h in zip(grads_ckpt, grads):
         torch.testing.assert_close(g, h)
     assert all(g.abs().sum() > 0 for g in grads)  # every parameter, the bias tables included, is trained
+
+
+def test_bfloat16_autocast_forward():
+    torch.manual_seed(0)
+    model = dinat_backbone(embed_dim=16, depths=[1, 1], num_heads=[1, 2], kernel_size=3, dilations=[[2], [1]]).eval()
+    pixels = torch.randn(1, 3, 40, 36)
+    with torch.no_grad():
+        full = model(pixels)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = model(pixels)
+    for a, b in zip(mixed, full):
+        assert a.dtype == torch.bfloat16
+        torch.testing.assert_close(a.float(), b, rtol=0.05, atol=0.1)

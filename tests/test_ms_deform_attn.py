@@ -346,7 +346,8 @@ def test_double_backward_through_native_raises_at_the_first_backward():
 
 
 def test_reference_backend_gives_second_derivatives():
-    value, shapes, starts, loc, w = make_inputs(shapes=((3, 2), (2, 3)), batch=1, queries=2, heads=1, head_dim=2, points=2)
+    value, shapes, starts, loc, w = make_inputs(
+        shapes=((3, 2), (2, 3)), batch=1, queries=2, heads=1, head_dim=2, points=2)
     with torch.no_grad():  # keep finite differences away from the bilinear kinks
         pix = loc * torch.tensor([[2.0, 3.0], [3.0, 2.0]], dtype=loc.dtype)[:, None, :] - 0.5
         loc.add_(torch.where((pix - pix.round()).abs() < 1e-2, 0.02, 0.0))

@@ -167,7 +167,8 @@ def test_opcheck(dtype, bias):
     out, lse = op(q.detach(), k.detach(), v.detach(), None if rpb is None else rpb.detach(), 3, 2, 0.5)
     torch.library.opcheck(
         torch.ops.maskformers.neighborhood_attention_2d_backward.default,
-        (q.detach(), k.detach(), v.detach(), None if rpb is None else rpb.detach(), lse, torch.randn_like(out), 3, 2, 0.5),
+        (q.detach(), k.detach(), v.detach(), None if rpb is None else rpb.detach(), lse, torch.randn_like(out),
+         3, 2, 0.5),
     )
 
 

@@ -93,7 +93,7 @@ def test_emulated_cuda_kernels_match_the_reference(emulated, case, dtype):
     q, k, v, grad = (torch.randn(B, H, W, heads, D, generator=g, dtype=torch.float64) for _ in range(4))
     rpb = torch.randn(heads, 2 * K - 1, 2 * K - 1, generator=g, dtype=torch.float64)
     for bias in (rpb, None):
-        leaves = [t.clone().requires_grad_() for t in (q, k, v)] + ([rpb.clone().requires_grad_()] if bias is not None else [])
+        leaves = [t.clone().requires_grad_() for t in (q, k, v) + ((rpb,) if bias is not None else ())]
         truth = neighborhood_attention_2d_reference(*leaves[:3], leaves[3] if bias is not None else None,
                                                     kernel_size=K, dilation=d, scale=0.3)
         truths = (truth.detach(), *torch.autograd.grad(truth, leaves, grad))

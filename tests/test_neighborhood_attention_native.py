@@ -140,7 +140,8 @@ BAD_DIRECT_CALLS = {
     "dilation 0": (dict(dilation=0), "dilation must be >= 1"),
     "key shape": (dict(key=lambda t: t[:, :-1].contiguous()), "expected key of the query's shape"),
     "value dtype": (dict(value=lambda t: t.float()), "value must be Double like query"),
-    "non-contiguous key": (dict(key=lambda t: t.transpose(1, 2).contiguous().transpose(1, 2)), "key must be contiguous"),
+    "non-contiguous key": (
+        dict(key=lambda t: t.transpose(1, 2).contiguous().transpose(1, 2)), "key must be contiguous"),
     "rpb shape": (dict(rpb=lambda t: t[:, 1:].contiguous()), r"expected rpb \(heads, 2K-1, 2K-1\)"),
     "rpb dtype": (dict(rpb=lambda t: t.float()), "rpb must be Double like query"),
     "integer query": (dict(query=lambda t: t.long(), key=lambda t: t.long(), value=lambda t: t.long()),

@@ -87,8 +87,8 @@ class NeighborhoodAttention2D(nn.Module):
             x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
         qkv = self.qkv(x).view(batch, height + pad_h, width + pad_w, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.unbind(3)  # (B, H', W', heads, D) each
-        out = neighborhood_attention_2d(
-            q, k, v, self.rpb, kernel_size=self.kernel_size, dilation=self.dilation, scale=self.scale,
+        out = neighborhood_attention_2d(  # the bias in q's dtype, also under autocast
+            q, k, v, self.rpb.to(q.dtype), kernel_size=self.kernel_size, dilation=self.dilation, scale=self.scale,
             backend=self.op_backend,
         )
         out = out.reshape(batch, height + pad_h, width + pad_w, channels)[:, :height, :width]
@@ -136,7 +136,8 @@ class ConvDownsampler(nn.Module):
 
 
 class ConvTokenizer(nn.Module):
-    """Two 3x3 stride-2 convolutions (C_in -> dim/2 -> dim) and LayerNorm; (B, C_in, H, W) -> (B, ceil(H/4), ceil(W/4), dim)."""
+    """Two 3x3 stride-2 convolutions (C_in -> dim/2 -> dim) and LayerNorm;
+    (B, C_in, H, W) -> (B, ceil(H/4), ceil(W/4), dim)."""
 
     def __init__(self, *, in_chans: int, dim: int, eps: float) -> None:
         super().__init__()
@@ -223,7 +224,8 @@ class DiNATBackbone(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
         """pixel_values (B, C_in, H, W) -> [(B, C_i, H_i, W_i)] at strides 4, 8, 16, 32."""
-        if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4 or pixel_values.shape[1] != self.in_chans:
+        is_image = isinstance(pixel_values, torch.Tensor) and pixel_values.dim() == 4
+        if not is_image or pixel_values.shape[1] != self.in_chans:
             got = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
             raise ValueError(f"expected pixel_values (B, {self.in_chans}, H, W), got {got}")
         if not pixel_values.is_floating_point() or pixel_values.numel() == 0:
@@ -311,7 +313,9 @@ def dinat_spec_from_hf_config(config: Mapping[str, Any]) -> dict[str, Any]:
     names = [f"stage{i}" for i in range(1, len(depths) + 1)]
     out_features = config.get("out_features")
     if out_features is not None and list(out_features) != names:
-        raise ValueError(f"unsupported backbone_config out_features={out_features!r}: every stage {names} must be an output")
+        raise ValueError(
+            f"unsupported backbone_config out_features={out_features!r}: every stage {names} must be an output"
+        )
     layer_scale = float(config.get("layer_scale_init_value", 0.0))
     return {
         "name": "dinat",

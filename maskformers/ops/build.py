@@ -73,7 +73,10 @@ OPS = {
         op="ms_deform_attn",
         tag="msda",
         headers=("ms_deform_attn_math.h", "ms_deform_attn_checks.h"),
-        sources={"cpu": ("ms_deform_attn_cpu.cpp",), "cuda": ("ms_deform_attn_cuda.cu", "ms_deform_attn_cuda_bind.cpp")},
+        sources={
+            "cpu": ("ms_deform_attn_cpu.cpp",),
+            "cuda": ("ms_deform_attn_cuda.cu", "ms_deform_attn_cuda_bind.cpp"),
+        },
     ),
     "neighborhood_attention": OpSources(
         op="neighborhood_attention",

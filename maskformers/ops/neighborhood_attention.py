@@ -46,7 +46,8 @@ def _native_forward(
     from . import build
 
     ext = build.load_extension(query.device.type, OP_NAME)
-    with torch.profiler.record_function(f"maskformers::neighborhood_attention_2d forward ({query.device.type} kernel)"):
+    label = f"maskformers::neighborhood_attention_2d forward ({query.device.type} kernel)"
+    with torch.profiler.record_function(label):
         return ext.forward(query, key, value, _bias_arg(query, rpb), kernel_size, dilation, scale)
 
 
@@ -71,7 +72,8 @@ def _native_backward(
     from . import build
 
     ext = build.load_extension(query.device.type, OP_NAME)
-    with torch.profiler.record_function(f"maskformers::neighborhood_attention_2d backward ({query.device.type} kernel)"):
+    label = f"maskformers::neighborhood_attention_2d backward ({query.device.type} kernel)"
+    with torch.profiler.record_function(label):
         return ext.backward(query, key, value, _bias_arg(query, rpb), lse, grad_out, kernel_size, dilation, scale)
 
 
@@ -122,7 +124,8 @@ def neighborhood_attention_2d(
     backend: None (native kernel when available for the tensors' device, else the reference with one
     warning), "native" or "reference". The native kernels fuse the logits, bias, softmax and weighted sum
     per pixel (no (B, H, W, heads, K*K) tensor in the forward) and accumulate in float32 (float64 for
-    float64 inputs); they give first derivatives for query, key, value and rpb.
+    float64 inputs); they give first derivatives for query, key, value and rpb. The CUDA kernel takes head
+    dims up to 256.
     """
     check_na_inputs(query, key, value, rpb, kernel_size, dilation)
     if scale is None:

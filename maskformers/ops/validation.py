@@ -143,7 +143,9 @@ def check_na_inputs(
         raise TypeError(f"query must be float32, float64, bfloat16 or float16, got {query.dtype}")
     for name, t in (("key", key), ("value", value)):
         if t.shape != query.shape:
-            raise ValueError(f"expected {name} of the query's shape {_shape(query)} (B, H, W, heads, D), got {_shape(t)}")
+            raise ValueError(
+                f"expected {name} of the query's shape {_shape(query)} (B, H, W, heads, D), got {_shape(t)}"
+            )
         if t.dtype != query.dtype:
             raise TypeError(f"{name} must be {query.dtype} like query, got {t.dtype}")
         if t.device != query.device:
