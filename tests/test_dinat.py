@@ -2,10 +2,13 @@
 converters (transformers names and the original OneFormer names, strict key accounting), the builders and
 the transformers-config parser.
 
-transformers runs DiNAT only through NATTEN's legacy ``natten2dqkrpb`` / ``natten2dav``. NATTEN 0.17 is
-not installable here (no wheel for this torch, a source build needs a CUDA GPU toolchain setup of its
-own), so the test gives transformers those two functions from ``tests/natten_loops.py``: an independent
-float64 loop implementation of NATTEN's documented semantics, not our op.
+transformers runs DiNAT only through NATTEN's legacy ``natten2dqkrpb`` / ``natten2dav``. NATTEN 0.17 has
+no wheel for this torch (PyPI has its sdist only; building it for torch 2.14 needs C++20 in its CMake
+file and patches for removed torch.cuda names), so CI cannot install it, and NATTEN 0.17.5 no longer
+has those two names anyway. The test gives transformers the two functions from ``tests/natten_loops.py``:
+an independent float64 loop implementation of NATTEN's semantics, not our op. (Checked once against a
+patched CPU build of NATTEN 0.17.5: the loops match it exactly; see test_neighborhood_attention.py's
+test_matches_natten_when_installed for a check that runs wherever NATTEN is importable.)
 
 transformers 5.24's ``NeighborhoodAttention.forward`` cannot run with any NATTEN: it reshapes the 4-D
 hidden states (B, H, W, C) with ``.view(B, H, W, heads, D).transpose(1, 2)``, a pattern from its 3-D

@@ -211,3 +211,23 @@ def test_without_bias_and_with_batch_zero():
                                rtol=0, atol=1e-12)
     empty = neighborhood_attention_2d(q[:0], k[:0], v[:0], kernel_size=3, backend="native")
     assert empty.shape == (0, *q.shape[1:])
+
+
+@pytest.mark.parametrize("case", [(9, 11, 3, 3), (13, 10, 5, 2), (23, 25, 11, 2), (21, 22, 7, 3)])
+def test_matches_natten_when_installed(case):
+    # Only where NATTEN (0.14 - 0.17, with its CPU kernels) is importable; CI does not have it.
+    functional = pytest.importorskip("natten.functional")
+    H, W, K, d = case
+    q, k, v, rpb = make_inputs(B=2, H=H, W=W, heads=3, D=8, kernel_size=K, seed=H + K)
+    heads_first = lambda t: t.permute(0, 3, 1, 2, 4).contiguous()  # NATTEN's (B, heads, H, W, D)
+    qh, kh, vh = (heads_first(t) for t in (q, k, v))
+    if hasattr(functional, "na2d_qk"):
+        logits = functional.na2d_qk(qh * 0.4, kh, K, d, rpb=rpb)
+        natten_out = functional.na2d_av(logits.softmax(-1), vh, K, d)
+    else:
+        logits = functional.natten2dqkrpb(qh * 0.4, kh, rpb, K, d)
+        natten_out = functional.natten2dav(logits.softmax(-1), vh, K, d)
+    expected = natten_out.permute(0, 2, 3, 1, 4)
+    for backend in ("reference", "native"):
+        out = neighborhood_attention_2d(q, k, v, rpb, kernel_size=K, dilation=d, scale=0.4, backend=backend)
+        torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12, msg=backend)
