@@ -1,4 +1,5 @@
-"""Loop-by-loop float64 stand-ins for NATTEN's legacy 2-D functions, independent of maskformers.ops.
+"""Loop-by-loop float64 stand-ins for NATTEN's legacy 2-D functions, independent of maskformers.ops, and a
+working ``forward`` for transformers 5's DiNAT ``NeighborhoodAttention`` (see test_dinat.py).
 
 ``natten2dqkrpb`` / ``natten2dav`` take NATTEN's layout (B, heads, H, W, D) and attention (B, heads, H, W,
 K*K). The window and bias-table starts follow the branch-by-branch description of NATTEN 0.14-0.17
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["natten2dav", "natten2dqkrpb", "natten_bias_start", "natten_window_start"]
+__all__ = ["attention_forward_v4_layout", "natten2dav", "natten2dqkrpb", "natten_bias_start", "natten_window_start"]
 
 
 def natten_window_start(index: int, length: int, kernel_size: int, dilation: int) -> int:
@@ -78,3 +79,26 @@ def natten2dav(attn, value, kernel_size, dilation):
             for n, r, c, _, _ in _neighbours(i, j, H, W, kernel_size, dilation):
                 out[:, :, i, j] += a[:, :, i, j, n, None] * v[:, :, r, c]
     return out.to(value.dtype)
+
+
+def _modeling_dinat():
+    import transformers.models.dinat.modeling_dinat as modeling_dinat
+
+    return modeling_dinat
+
+
+def attention_forward_v4_layout(self, hidden_states, output_attentions=False):
+    """transformers' NeighborhoodAttention.forward with the (B, heads, H, W, D) layout NATTEN expects."""
+    batch, height, width, _ = hidden_states.shape
+
+    def heads_first(x):  # (B, H, W, C) -> (B, heads, H, W, D)
+        return x.view(batch, height, width, self.num_attention_heads, self.attention_head_size).permute(0, 3, 1, 2, 4)
+
+    query = heads_first(self.query(hidden_states)) / self.attention_head_size**0.5
+    natten = _modeling_dinat()  # its natten2dqkrpb / natten2dav, whatever a test has put there
+    key = heads_first(self.key(hidden_states))
+    scores = natten.natten2dqkrpb(query, key, self.rpb, self.kernel_size, self.dilation)
+    probs = self.dropout(scores.softmax(dim=-1))
+    context = natten.natten2dav(probs, heads_first(self.value(hidden_states)), self.kernel_size, self.dilation)
+    context = context.permute(0, 2, 3, 1, 4).reshape(batch, height, width, self.all_head_size)
+    return (context, probs) if output_attentions else (context,)

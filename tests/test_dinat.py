@@ -15,7 +15,8 @@ hidden states (B, H, W, C) with ``.view(B, H, W, heads, D).transpose(1, 2)``, a 
 attention layers, which hands NATTEN (B, W, H, heads, D) instead of (B, heads, H, W, D) (v4 permuted
 with (0, 3, 1, 2, 4)). The fixture replaces only that forward by v4's layout handling; embeddings, blocks,
 padding, layer scale, downsamplers and output norms stay transformers' code.
-``test_transformers_attention_layout_is_still_broken`` notices when transformers fixes it.
+``test_transformers_attention_layout_is_still_broken`` notices when transformers fixes it. Both helpers
+live in ``tests/natten_loops.py`` for the OneFormer DiNAT parity tests too.
 """
 
 from __future__ import annotations
@@ -46,22 +47,6 @@ transformers = pytest.importorskip("transformers")
 modeling_dinat = pytest.importorskip("transformers.models.dinat.modeling_dinat")
 
 
-def attention_forward_v4_layout(self, hidden_states, output_attentions=False):
-    """transformers' NeighborhoodAttention.forward with the (B, heads, H, W, D) layout NATTEN expects."""
-    batch, height, width, _ = hidden_states.shape
-
-    def heads_first(x):  # (B, H, W, C) -> (B, heads, H, W, D)
-        return x.view(batch, height, width, self.num_attention_heads, self.attention_head_size).permute(0, 3, 1, 2, 4)
-
-    query = heads_first(self.query(hidden_states)) / self.attention_head_size**0.5
-    scores = modeling_dinat.natten2dqkrpb(query, heads_first(self.key(hidden_states)), self.rpb, self.kernel_size,
-                                          self.dilation)
-    probs = self.dropout(scores.softmax(dim=-1))
-    context = modeling_dinat.natten2dav(probs, heads_first(self.value(hidden_states)), self.kernel_size, self.dilation)
-    context = context.permute(0, 2, 3, 1, 4).reshape(batch, height, width, self.all_head_size)
-    return (context, probs) if output_attentions else (context,)
-
-
 @pytest.fixture
 def hf_natten(monkeypatch):
     """transformers without NATTEN: the loop functions of natten_loops.py (see the module docstring)."""
@@ -73,7 +58,7 @@ def hf_natten(monkeypatch):
 @pytest.fixture
 def hf_dinat_runs(hf_natten, monkeypatch):
     """... and the attention layout of transformers v4 (see the module docstring)."""
-    monkeypatch.setattr(modeling_dinat.NeighborhoodAttention, "forward", attention_forward_v4_layout)
+    monkeypatch.setattr(modeling_dinat.NeighborhoodAttention, "forward", natten_loops.attention_forward_v4_layout)
 
 
 def tiny_config(layer_scale: float = 0.0, **overrides):
