@@ -166,9 +166,9 @@ void forward_kernel(const Problem& p, const scalar_t* value, const at::opmath_ty
           const acc_t a = attn_i[s];
           const row_t* rows[4];
           acc_t coef[4];
-          for (int k = 0; k < 4; ++k) {
+          for (int k = 0; k < 4; ++k) {  // outside corners read zeros; NaN weights still reach acc
             rows[k] = c.inside[k] ? reader.read(v_l + c.pos[k] * row_stride, k) : zeros.data();
-            coef[k] = c.inside[k] ? a * c.weight[k] : acc_t(0);
+            coef[k] = a * c.weight[k];
           }
           gather_corners(acc.data(), rows[0], rows[1], rows[2], rows[3], coef, D);
         }

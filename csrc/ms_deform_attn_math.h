@@ -7,6 +7,13 @@
 // Each corner is bounds-checked on its own; a corner outside the level reads zero. Nothing here
 // touches memory: the kernels load the corner rows themselves, which keeps this header usable from
 // host and device code alike.
+//
+// Non-finite locations propagate as in grid_sample: when h_im or w_im is NaN or +-inf no corner is read,
+// but the bilinear weights are NaN (their fractions are inf - inf or NaN), so the sample makes its
+// (query, head) output row NaN, its attention-weight gradient NaN, and the location gradient of the
+// other coordinate NaN (d/dx goes through the y fractions and vice versa; the coordinate's own gradient
+// is 0 when the other one is finite). grad_value is untouched (nothing is read, nothing is scattered).
+// A finite location outside the level contributes exactly zero, as before.
 #pragma once
 
 #include <cmath>
@@ -25,6 +32,13 @@ constexpr int kMaxCudaLevels = 16;
 
 MSDA_HOST_DEVICE float floor_(float v) { return floorf(v); }
 MSDA_HOST_DEVICE double floor_(double v) { return floor(v); }
+#if defined(__CUDACC__) || defined(__HIPCC__)
+MSDA_HOST_DEVICE bool finite_(float v) { return isfinite(v); }
+MSDA_HOST_DEVICE bool finite_(double v) { return isfinite(v); }
+#else
+inline bool finite_(float v) { return std::isfinite(v); }
+inline bool finite_(double v) { return std::isfinite(v); }
+#endif
 
 // The four bilinear neighbours of one sampling location, in the order
 // 0 = (row0, col0), 1 = (row0, col0 + 1), 2 = (row0 + 1, col0), 3 = (row0 + 1, col0 + 1).
@@ -37,16 +51,34 @@ struct Corners {
   T frac_w;         // w_im - floor(w_im)
 };
 
-// Fill `c` for location (x, y) on an (height, width) level. Returns false when no corner can lie
-// inside the level (then the sample contributes nothing and has zero gradient). The test keeps
-// h_im == -1 (the corner at row 0 is inside with weight 0 but a non-zero location gradient, as in
-// grid_sample) and rejects NaN and huge coordinates before any float -> integer conversion.
+// Fill `c` for location (x, y) on an (height, width) level. Returns false when the location is finite
+// and no corner can lie inside the level (then the sample contributes nothing and has zero gradient).
+// The test keeps h_im == -1 (the corner at row 0 is inside with weight 0 but a non-zero location
+// gradient, as in grid_sample). A non-finite coordinate returns true with every corner outside and NaN
+// weights (see the top of this file); no float -> integer conversion ever sees NaN, inf or a huge value.
+// Callers apply attn * weight[k] to all four corners, reading zeros for the outside ones, so that the
+// NaN reaches the output; the gradient of an outside corner is zero before sample_gradients.
 template <typename T>
 MSDA_HOST_DEVICE bool bilinear_corners(T x, T y, int64_t height, int64_t width, Corners<T>& c) {
   const T h_f = static_cast<T>(height);
   const T w_f = static_cast<T>(width);
   const T h_im = y * h_f - T(0.5);
   const T w_im = x * w_f - T(0.5);
+  if (!(finite_(h_im) && finite_(w_im))) {
+    const T lh = h_im - floor_(h_im);  // NaN unless finite
+    const T lw = w_im - floor_(w_im);
+    c.frac_h = lh;
+    c.frac_w = lw;
+    c.weight[0] = (T(1) - lh) * (T(1) - lw);
+    c.weight[1] = (T(1) - lh) * lw;
+    c.weight[2] = lh * (T(1) - lw);
+    c.weight[3] = lh * lw;
+    for (int k = 0; k < 4; ++k) {
+      c.pos[k] = 0;
+      c.inside[k] = false;
+    }
+    return true;
+  }
   if (!(h_im >= T(-1) && h_im < h_f && w_im >= T(-1) && w_im < w_f)) {
     return false;
   }

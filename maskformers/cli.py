@@ -3,7 +3,7 @@
     maskformers segment IMAGE_OR_FOLDER... --model NAME_OR_PATH --task panoptic|semantic|instance --out DIR
     maskformers convert SRC DST [--force] [--config JSON]
     maskformers info [--build]
-    maskformers build-ops [--device cpu|cuda|all]
+    maskformers build-ops [--device auto|cpu|cuda|all] [--op NAME|all] [--rebuild]
     maskformers train / evaluate / demo     (see maskformers.training.commands)
 """
 
@@ -26,7 +26,7 @@ def _info(args: argparse.Namespace) -> int:
 def _build_ops(args: argparse.Namespace) -> int:
     from .ops import build
 
-    return build.main(["--device", args.device])
+    return build.run(args)
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -74,8 +74,12 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--build", action="store_true", help="build the native kernels if they are not cached yet")
     p.set_defaults(run=_info)
 
-    p = sub.add_parser("build-ops", help="compile the native ms_deform_attn kernels now (else: on first use)")
-    p.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
+    p = sub.add_parser("build-ops", help="compile the native kernels now (else: on first use)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda", "all"], default="auto",
+                   help="auto (default): what can run here, the CPU plus CUDA when a GPU is visible; "
+                   "cuda: for TORCH_CUDA_ARCH_LIST (else the visible GPUs, else torch's architectures)")
+    p.add_argument("--op", default="all", help="one op (ms_deform_attn, neighborhood_attention) or all")
+    p.add_argument("--rebuild", action="store_true", help="delete the cached builds first and compile again")
     p.set_defaults(run=_build_ops)
 
     from .training.commands import add_demo_parser, add_evaluate_parser, add_train_parser

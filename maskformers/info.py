@@ -3,9 +3,10 @@
     python -m maskformers.info [--build]
 
 Prints the versions of Python, torch (and the CUDA runtime it was built with), the C++ compiler,
-nvcc, ninja, timm and transformers, then for the CPU and CUDA kernels of ms_deform_attn whether they
-can be built, whether a build is already cached, and why not where they are unavailable. Nothing is
-compiled unless ``--build`` is given (a first build takes minutes).
+nvcc, ninja, timm and transformers, then for the CPU and CUDA kernels of every native op whether they
+can be built, whether a verified build is cached (a cached library that does not match its recorded size
+and SHA-256 is reported as damaged), and why not where they are unavailable. Nothing is compiled unless
+``--build`` is given (a first build takes minutes).
 """
 
 from __future__ import annotations
@@ -57,20 +58,24 @@ def _compiler_line() -> str:
     return f"{compiler} ({toolchain.tool_version([compiler, '--version'])})"
 
 
-def native_status(device_type: str, *, compile_now: bool = False) -> tuple[str, str]:
-    """(state, explanation) of the native kernel for ``device_type``. state is "unavailable" (a
-    prerequisite is missing), "failed" (the compile failed), "built" (cached) or "not built"."""
+def native_status(device_type: str, *, compile_now: bool = False, op: str = build.DEFAULT_OP) -> tuple[str, str]:
+    """(state, explanation) of the native kernel of ``op`` for ``device_type``. state is "unavailable" (a
+    prerequisite is missing), "failed" (the compile failed), "built" (cached and verified), "damaged"
+    (cached but not what the build wrote; rebuilt on first use) or "not built"."""
     try:
-        plan = build.build_plan(device_type)
+        plan = build.build_plan(device_type, op)
     except build.NativeOpUnavailable as exc:
         return "unavailable", str(exc)
     if compile_now:
         try:
-            build.load_extension(device_type)
+            build.load_extension(device_type, op)
         except build.NativeOpUnavailable as exc:
             return "failed", str(exc)
-    if build.is_built(plan):
+    cached = build.cache_state(plan)
+    if cached.state == "ok":
         return "built", f"cached at {plan.directory}"
+    if cached.state == "damaged":
+        return "damaged", f"{cached.detail}; rebuilt on first use or by `maskformers build-ops --rebuild`"
     return "not built", "compiles on first use (or run with --build)"
 
 
@@ -90,15 +95,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ninja: {_package_version('ninja')}")
     print(f"timm: {_package_version('timm')}")
     print(f"transformers: {_package_version('transformers')}")
-    print(f"native ms_deform_attn kernels (cache: {build.cache_root()}):")
     status = 0
-    for device_type in build.DEVICE_TYPES:
-        state, text = native_status(device_type, compile_now=args.build)
-        status |= int(state == "failed")
-        label = {"built": "available, built", "not built": "available, not built yet"}.get(state, state)
-        if device_type == "cuda" and state in ("built", "not built") and not torch.cuda.is_available():
-            label = "compiles but cannot run here (no GPU visible), " + ("built" if state == "built" else "not built yet")
-        print(f"  {device_type}: {label}: {text}")
+    for op in build.OPS:
+        print(f"native {op} kernels (cache: {build.cache_root()}):")
+        for device_type in build.DEVICE_TYPES:
+            state, text = native_status(device_type, compile_now=args.build, op=op)
+            status |= int(state == "failed")
+            label = {"built": "available, built", "not built": "available, not built yet"}.get(state, state)
+            if device_type == "cuda" and state in ("built", "not built") and not torch.cuda.is_available():
+                built = "built" if state == "built" else "not built yet"
+                label = f"compiles but cannot run here (no GPU visible), {built}"
+            print(f"  {device_type}: {label}: {text}")
     return status
 
 

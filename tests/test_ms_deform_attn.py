@@ -175,7 +175,7 @@ def test_unknown_backend_raises():
 
 @pytest.fixture
 def native_broken(monkeypatch):
-    def fail(device_type):
+    def fail(device_type, op="ms_deform_attn"):
         raise build.NativeOpUnavailable("simulated: compiler missing")
 
     monkeypatch.setattr(build, "load_extension", fail)
@@ -367,3 +367,32 @@ def test_level_shapes_as_python_ints_match_the_tensor_form(backend):
     as_list = [tuple(int(v) for v in row) for row in shapes.tolist()]
     expected = ms_deform_attn(value, shapes, starts, loc, w, backend=backend)
     torch.testing.assert_close(ms_deform_attn(value, as_list, None, loc, w, backend=backend), expected, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- double backward
+@needs_native_cpu
+def test_double_backward_through_native_raises_at_the_first_backward():
+    # issue 9 item 17: the first gradients used to claim requires_grad=True and the second backward failed
+    # with torch's generic "no autograd formula"; now the first backward refuses and names the way out
+    value, shapes, starts, loc, w = make_inputs()
+    inputs = tuple(t.requires_grad_() for t in (value, loc, w))
+    out = ms_deform_attn(value, shapes, starts, loc, w, backend="native")
+    with pytest.raises(RuntimeError, match=r"no double backward.*create_graph=True.*backend='reference'"):
+        torch.autograd.grad(out.square().sum(), inputs, create_graph=True)
+    # only the graph-building backward is refused: plain first-order gradients are unaffected
+    grads = torch.autograd.grad(ms_deform_attn(value, shapes, starts, loc, w, backend="native").sum(), inputs)
+    assert not any(g.requires_grad for g in grads)
+
+
+def test_reference_backend_gives_second_derivatives():
+    value, shapes, starts, loc, w = make_inputs(
+        shapes=((3, 2), (2, 3)), batch=1, queries=2, heads=1, head_dim=2, points=2)
+    with torch.no_grad():  # keep finite differences away from the bilinear kinks
+        pix = loc * torch.tensor([[2.0, 3.0], [3.0, 2.0]], dtype=loc.dtype)[:, None, :] - 0.5
+        loc.add_(torch.where((pix - pix.round()).abs() < 1e-2, 0.02, 0.0))
+
+    def fn(v, l, a):
+        return ms_deform_attn(v, shapes, starts, l, a, backend="reference")
+
+    inputs = tuple(t.requires_grad_() for t in (value, loc, w))
+    assert torch.autograd.gradgradcheck(fn, inputs, eps=1e-6, atol=1e-6)

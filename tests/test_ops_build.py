@@ -132,9 +132,9 @@ def test_compile_error_reports_the_log_tail(monkeypatch, tmp_path, fresh_build_s
     with pytest.raises(build.NativeOpUnavailable) as failure:
         build.load_extension("cpu")
     message = str(failure.value)
-    assert "compiling the cpu kernel failed" in message
+    assert "compiling the ms_deform_attn CPU kernel failed" in message
     assert "deliberately_missing_header_for_the_test.h" in message
-    log = next((tmp_path / "cache").glob("cpu-*/build.log"))
+    log = next((tmp_path / "cache").glob("ms_deform_attn-cpu-*/build.log"))
     assert "deliberately_missing_header_for_the_test.h" in log.read_text()
     assert "compiling the native ms_deform_attn CPU kernel (first use, cached at" in capsys.readouterr().err
     with pytest.raises(build.NativeOpUnavailable) as again:  # remembered, not rebuilt
@@ -265,7 +265,7 @@ def test_wheel_ships_the_sources(tmp_path):
     unzipped = tmp_path / "unzipped"
     with zipfile.ZipFile(wheel) as zf:
         zf.extractall(unzipped)
-    for name in SOURCE_FILES:
+    for name in {name for spec in build.OPS.values() for name in spec.files()}:
         shipped = unzipped / "maskformers" / "ops" / "_csrc" / name
         assert shipped.read_bytes() == (REPO / "csrc" / name).read_bytes(), name
 
@@ -316,13 +316,25 @@ def test_cuda_extension_compiles_and_imports(monkeypatch, fresh_build_state):
 
 
 def test_build_main_prebuilds_cpu(capsys):
-    assert build.main(["--device", "cpu"]) == 0
+    assert build.main(["--device", "cpu", "--op", "ms_deform_attn"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("cpu: ready") and "-O3" in out
+    assert out.startswith("ms_deform_attn cpu: ready") and "-O3" in out
+
+
+def info_sections(out: str) -> dict[str, dict[str, str]]:
+    """{op: {device type: line}} from the kernel part of the info report."""
+    sections: dict[str, dict[str, str]] = {}
+    current = None
+    for line in out.splitlines():
+        if line.startswith("native ") and " kernels (cache: " in line:
+            current = sections.setdefault(line.split()[1], {})
+        elif line.startswith("  ") and current is not None:
+            current[line.split(":")[0].strip()] = line
+    return sections
 
 
 def test_info_reports_without_compiling(monkeypatch, capsys):
-    def no_compile(plan):
+    def no_compile(plan, **kwargs):
         raise AssertionError("maskformers.info must not compile without --build")
 
     monkeypatch.setattr(build, "_compile", no_compile)
@@ -330,11 +342,13 @@ def test_info_reports_without_compiling(monkeypatch, capsys):
     out = capsys.readouterr().out
     for word in ("python", "torch", "c++ compiler", "nvcc", "ninja", "timm"):
         assert f"\n{word}" in "\n" + out, word
-    lines = {line.split(":")[0].strip(): line for line in out.splitlines() if line.startswith("  ")}
-    assert set(lines) == {"cpu", "cuda"}
+    sections = info_sections(out)
+    assert set(sections) == set(build.OPS)
     states = (": available, built: cached at", ": available, not built yet", ": unavailable: ",
               ": compiles but cannot run here (no GPU visible), ")
-    for line in lines.values():
-        assert any(state in line for state in states), line
-    if not torch.cuda.is_available():
-        assert ": available" not in lines["cuda"], lines["cuda"]
+    for lines in sections.values():
+        assert set(lines) == {"cpu", "cuda"}
+        for line in lines.values():
+            assert any(state in line for state in states), line
+        if not torch.cuda.is_available():
+            assert ": available" not in lines["cuda"], lines["cuda"]

@@ -99,8 +99,8 @@ def _require_all_stages(config: Mapping[str, Any], num_stages: int, where: str) 
 def backbone_spec_from_hf_config(config: Mapping[str, Any], *, where: str = "backbone_config") -> dict[str, Any]:
     """The backbone spec a transformers ``backbone_config`` dict describes.
 
-    Supports ``model_type`` "swin" (every Mask2Former/OneFormer Swin checkpoint) and "resnet" (bottleneck,
-    torchvision layout). Options these backbones cannot reproduce (absolute position embeddings, other
+    Supports ``model_type`` "swin" (every Mask2Former/OneFormer Swin checkpoint), "resnet" (bottleneck,
+    torchvision layout) and "dinat" (the OneFormer DiNAT checkpoints). Options these backbones cannot reproduce (absolute position embeddings, other
     activations or eps, hidden dropout, a subset of stages) raise. The spec holds plain JSON values.
     """
     if not isinstance(config, Mapping):
@@ -140,7 +140,43 @@ def backbone_spec_from_hf_config(config: Mapping[str, Any], *, where: str = "bac
             _require(config, key, expected, expected, where)
         _require_all_stages(config, 4, where)
         return {"name": "resnet", "depth": depth, "in_chans": _typed(config, "num_channels", int, 3, where)}
-    raise ConversionError(f"{where}: unsupported model_type={model_type!r}; supported: 'swin', 'resnet'")
+    if model_type == "dinat":
+        return _dinat_spec(config, where)
+    raise ConversionError(f"{where}: unsupported model_type={model_type!r}; supported: 'swin', 'resnet', 'dinat'")
+
+
+# transformers' DinatConfig default dilations (its ImageNet models)
+_DINAT_DEFAULT_DILATIONS = [[1, 8, 1], [1, 4, 1, 4], [1, 2, 1, 2, 1, 2], [1, 1, 1, 1, 1]]
+
+
+def _dinat_spec(config: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """A transformers ``DinatConfig`` dict (the OneFormer DiNAT checkpoints' backbone_config) -> the spec of
+    ``maskformers.models.dinat.dinat_backbone``."""
+    depths = _int_list(config, "depths", [3, 4, 6, 5], where)
+    for key, expected in [("patch_size", 4), ("hidden_act", "gelu"), ("layer_norm_eps", 1e-5),
+                          ("attention_probs_dropout_prob", 0.0)]:
+        _require(config, key, expected, expected, where)
+    _require_all_stages(config, len(depths), where)
+    heads = _int_list(config, "num_heads", [2, 4, 8, 16], where)
+    dilations = config.get("dilations", _DINAT_DEFAULT_DILATIONS)
+    if (not isinstance(dilations, (list, tuple)) or len(dilations) != len(depths)
+            or any(not isinstance(level, (list, tuple)) or len(level) != d for level, d in zip(dilations, depths))):
+        raise ConversionError(f"{where}: dilations={dilations!r} needs one list per stage, one entry per block of {depths}")
+    layer_scale = _typed(config, "layer_scale_init_value", float, 0.0, where)
+    return {
+        "name": "dinat",
+        "embed_dim": _typed(config, "embed_dim", int, 64, where),
+        "depths": depths,
+        "num_heads": heads,
+        "kernel_size": _typed(config, "kernel_size", int, 7, where),
+        "dilations": [[int(d) for d in level] for level in dilations],
+        "mlp_ratio": _typed(config, "mlp_ratio", float, 3.0, where),
+        "qkv_bias": _typed(config, "qkv_bias", bool, True, where),
+        "drop_rate": _typed(config, "hidden_dropout_prob", float, 0.0, where),
+        "drop_path_rate": _typed(config, "drop_path_rate", float, 0.1, where),
+        "layer_scale": layer_scale if layer_scale > 0 else None,
+        "in_chans": _typed(config, "num_channels", int, 3, where),
+    }
 
 
 def id2label_from_hf(hf: Mapping[str, Any], *, where: str = "config.json") -> dict[int, str]:

@@ -74,13 +74,17 @@ def text_mapper_rules(src: str = "model.text_mapper.", dst: str = "text_mapper."
 
 
 def _backbone_rules(backbone_type: str) -> list[Rule]:
-    if backbone_type != "swin":
-        raise ValueError(
-            f"transformers OneFormer checkpoints with a {backbone_type!r} backbone are not supported here (only 'swin')"
-        )
-    from . import hf_swin
+    if backbone_type == "swin":
+        from . import hf_swin
 
-    return list(hf_swin.rules(HF_BACKBONE, "backbone."))
+        return list(hf_swin.rules(HF_BACKBONE, "backbone."))
+    if backbone_type == "dinat":
+        from . import hf_dinat
+
+        return list(hf_dinat.rules(HF_BACKBONE, "backbone."))
+    raise ValueError(
+        f"transformers OneFormer checkpoints with a {backbone_type!r} backbone are not supported (only 'swin', 'dinat')"
+    )
 
 
 def rules(backbone_type: str = "swin") -> list[Rule]:
@@ -101,4 +105,9 @@ def convert_state_dict(
 ) -> dict[str, torch.Tensor]:
     """Rename a transformers OneFormer state dict to ours; raises ``ConversionError`` listing every key no
     rule uses, duplicates and bad splits."""
-    return apply_rules(state_dict, rules(backbone_type), source=source)
+    state = apply_rules(state_dict, rules(backbone_type), source=source)
+    if backbone_type == "dinat":  # layer-scale chunks keep a (1, C) shape from the split; ours are (C,)
+        from .hf_dinat import flatten_layer_scale
+
+        state = flatten_layer_scale(state)
+    return state

@@ -296,8 +296,8 @@ def timm_backbone_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.M
 
 
 def build_backbone(spec: Mapping[str, Any]) -> nn.Module:
-    """Backbone from a spec ``{"name": "swin" | "resnet" | "convnext", **kwargs of swin_backbone /
-    resnet_backbone / convnext_backbone}``."""
+    """Backbone from a spec ``{"name": "swin" | "resnet" | "convnext" | "dinat", **kwargs of swin_backbone /
+    resnet_backbone / convnext_backbone / dinat_backbone}``."""
     kwargs = dict(spec)
     name = kwargs.pop("name", None)
     if name == "swin":
@@ -308,4 +308,10 @@ def build_backbone(spec: Mapping[str, Any]) -> nn.Module:
         from .convnext import convnext_backbone  # its own module (it imports this one)
 
         return convnext_backbone(**kwargs)
-    raise ValueError(f"unknown backbone name {name!r} in spec {dict(spec)}; expected 'swin', 'resnet' or 'convnext'")
+    if name == "dinat":
+        from .dinat import dinat_backbone  # neighborhood attention, its own op
+
+        return dinat_backbone(**kwargs)
+    raise ValueError(
+        f"unknown backbone name {name!r} in spec {dict(spec)}; expected 'swin', 'resnet', 'convnext' or 'dinat'"
+    )

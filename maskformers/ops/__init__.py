@@ -1,4 +1,5 @@
-"""Native ops with reference implementations: ``ms_deform_attn`` (multi-scale deformable attention).
+"""Native ops with reference implementations: ``ms_deform_attn`` (multi-scale deformable attention) and
+``neighborhood_attention_2d`` (2-D neighborhood attention with relative position bias, as in DiNAT).
 
 ``set_backend(model, backend)`` / ``use_backend(backend)`` choose the backend of every op call of a model.
 Importing this package compiles nothing: kernels are built on first use.
@@ -6,6 +7,16 @@ Importing this package compiles nothing: kernels are built on first use.
 
 from .backend import BACKENDS, set_backend, use_backend
 from .functional import ms_deform_attn, resolve_backend
-from .reference import ms_deform_attn_reference
+from .neighborhood_attention import neighborhood_attention_2d
+from .reference import ms_deform_attn_reference, neighborhood_attention_2d_reference
 
-__all__ = ["BACKENDS", "ms_deform_attn", "ms_deform_attn_reference", "resolve_backend", "set_backend", "use_backend"]
+__all__ = [
+    "BACKENDS",
+    "ms_deform_attn",
+    "ms_deform_attn_reference",
+    "neighborhood_attention_2d",
+    "neighborhood_attention_2d_reference",
+    "resolve_backend",
+    "set_backend",
+    "use_backend",
+]

@@ -22,7 +22,7 @@ from .backend import BACKENDS, check_backend, default_backend
 from .reference import ms_deform_attn_reference
 from .validation import check_inputs, check_level_shapes, check_level_values, coord_dtype
 
-__all__ = ["ms_deform_attn", "resolve_backend", "BACKENDS", "STRICT_ENV"]
+__all__ = ["ms_deform_attn", "resolve_backend", "check_no_double_backward", "BACKENDS", "STRICT_ENV"]
 
 STRICT_ENV = "MASKFORMERS_STRICT_OPS"
 
@@ -85,8 +85,24 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
 
 
+def check_no_double_backward(op: str, *tensors: torch.Tensor | None) -> None:
+    """Raise when a native backward runs under create_graph=True for tensors that need a graph.
+
+    Autograd runs a backward in grad mode only under create_graph=True; the gradients returned there
+    would claim requires_grad=True while their own backward does not exist. Refuse up front instead.
+    """
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        raise RuntimeError(
+            f"{op}: the native backend has no double backward, and this backward was asked to build a graph "
+            "of itself (create_graph=True: higher-order gradients, gradient penalties). Run this computation "
+            "with backend='reference' (maskformers.ops.set_backend(model, 'reference'), or inside "
+            "`with maskformers.ops.use_backend('reference'):`), whose gradients are differentiable."
+        )
+
+
 def _backward(ctx, grad_output):
     value, spatial_shapes, level_start_index, sampling_locations, attention_weights = ctx.saved_tensors
+    check_no_double_backward("ms_deform_attn", grad_output, value, sampling_locations, attention_weights)
     grad_value, grad_locations, grad_weights = _native_backward(
         value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_output.contiguous()
     )
@@ -103,12 +119,12 @@ _native_forward.register_autograd(_backward, setup_context=_setup_context)
 _warned_fallback: set[str] = set()
 
 
-def _native_reason(device_type: str) -> str:
-    """Empty string when the native kernel for ``device_type`` loads, else why it does not."""
+def _native_reason(device_type: str, op: str = "ms_deform_attn") -> str:
+    """Empty string when the native kernel of ``op`` for ``device_type`` loads, else why it does not."""
     from . import build  # imported here so that `python -m maskformers.ops.build` runs it only once
 
     try:
-        build.load_extension(device_type)
+        build.load_extension(device_type, op)
     except build.NativeOpUnavailable as exc:
         return str(exc)
     return ""
@@ -120,13 +136,13 @@ def _native_reason(device_type: str) -> str:
 _native_reason._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
-def resolve_backend(backend: str | None, device: torch.device) -> str:
-    """The backend that will run for tensors on ``device``: ``backend`` itself, or the choice for None.
+def resolve_backend(backend: str | None, device: torch.device, op: str = "ms_deform_attn") -> str:
+    """The backend of ``op`` that will run for tensors on ``device``: ``backend`` itself, or the choice for None.
 
     ``None`` takes the thread's default (:func:`maskformers.ops.use_backend`), and when that is None too
     picks "native" when its kernel loads for that device type, else "reference" with one warning per
-    device type saying why; with ``MASKFORMERS_STRICT_OPS=1`` that fallback is an error. Asking for
-    "native" explicitly never falls back.
+    op and device type saying why; with ``MASKFORMERS_STRICT_OPS=1`` that fallback is an error. Asking
+    for "native" explicitly never falls back.
     """
     check_backend(backend)
     if backend is None:
@@ -135,20 +151,21 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
         return backend
     if device.type == "meta":  # shapes only: the custom op's fake implementation answers, no kernel runs
         return "native"
-    reason = _native_reason(device.type)
+    reason = _native_reason(device.type, op)
     if not reason:
         return "native"
     if backend == "native":
-        raise RuntimeError(f"ms_deform_attn backend='native' is unavailable on {device.type}: {reason}")
+        raise RuntimeError(f"{op} backend='native' is unavailable on {device.type}: {reason}")
     if os.environ.get(STRICT_ENV, "") not in ("", "0"):
         raise RuntimeError(
-            f"ms_deform_attn: the native kernel is unavailable on {device.type} and {STRICT_ENV} is set, "
+            f"{op}: the native kernel is unavailable on {device.type} and {STRICT_ENV} is set, "
             f"so there is no fallback to the reference implementation. Reason: {reason}"
         )
-    if device.type not in _warned_fallback:
-        _warned_fallback.add(device.type)
+    key = f"{op}:{device.type}"
+    if key not in _warned_fallback:
+        _warned_fallback.add(key)
         warnings.warn(
-            f"maskformers ms_deform_attn: native kernel unavailable on {device.type} ({reason}); "
+            f"maskformers {op}: native kernel unavailable on {device.type} ({reason}); "
             "running the pure-PyTorch reference instead (slower, more memory). "
             f"Set {STRICT_ENV}=1 to make this an error.",
             RuntimeWarning,
@@ -178,6 +195,11 @@ def ms_deform_attn(
     backend: None (native kernel when available for the tensors' device, else the reference with a
     warning), "native" or "reference". The native kernels accumulate in float32 (float64 for float64
     inputs) and keep sampling coordinates in float32 for 16-bit values.
+
+    NaN or +-inf sampling locations propagate as in grid_sample, on both backends: the output row of that
+    (query, head) becomes NaN, and so do the sample's attention-weight gradient and the gradient of the
+    other coordinate of its location. The native backend has first derivatives only; a backward with
+    ``create_graph=True`` through it raises and names the reference backend, which supports it.
     """
     if not isinstance(spatial_shapes, torch.Tensor):
         if level_start_index is not None:

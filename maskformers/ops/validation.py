@@ -1,16 +1,23 @@
-"""Input checks of the multi-scale deformable attention op.
+"""Input checks of the native ops: multi-scale deformable attention and 2-D neighborhood attention.
 
-Two kinds: ``check_inputs`` looks only at metadata (ranks, sizes, dtypes, devices) and is safe to run
-while tracing; ``check_level_values`` reads the level table (h, w per level and the start offsets) and
-runs inside the real implementations, where the values are concrete. Every error names the argument
-and the values it got.
+For ms_deform_attn two kinds: ``check_inputs`` looks only at metadata (ranks, sizes, dtypes, devices) and
+is safe to run while tracing; ``check_level_values`` reads the level table (h, w per level and the start
+offsets) and runs inside the real implementations, where the values are concrete. ``check_na_inputs``
+(neighborhood attention) needs metadata only. Every error names the argument and the values it got.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["SUPPORTED_VALUE_DTYPES", "check_inputs", "check_level_shapes", "check_level_values", "coord_dtype"]
+__all__ = [
+    "SUPPORTED_VALUE_DTYPES",
+    "check_inputs",
+    "check_level_shapes",
+    "check_level_values",
+    "check_na_inputs",
+    "coord_dtype",
+]
 
 SUPPORTED_VALUE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -132,3 +139,59 @@ def check_level_shapes(shapes: object, num_values: int) -> list[tuple[int, int]]
     if total != num_values:
         raise ValueError(f"spatial_shapes {pairs} cover sum(h*w) = {total} positions but value has S = {num_values}")
     return pairs
+
+
+def _positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return value
+
+
+def check_na_inputs(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    rpb: torch.Tensor | None,
+    kernel_size: int,
+    dilation: int,
+) -> None:
+    """Raise ``ValueError``/``TypeError`` unless query, key, value (B, H, W, heads, D), the optional relative
+    position bias (heads, 2K-1, 2K-1), kernel_size and dilation describe one neighborhood-attention problem."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if query.dim() != 5:
+        raise ValueError(f"expected query (B, H, W, heads, D), got shape {_shape(query)}")
+    if query.dtype not in SUPPORTED_VALUE_DTYPES:
+        raise TypeError(f"query must be float32, float64, bfloat16 or float16, got {query.dtype}")
+    for name, t in (("key", key), ("value", value)):
+        if t.shape != query.shape:
+            raise ValueError(
+                f"expected {name} of the query's shape {_shape(query)} (B, H, W, heads, D), got {_shape(t)}"
+            )
+        if t.dtype != query.dtype:
+            raise TypeError(f"{name} must be {query.dtype} like query, got {t.dtype}")
+        if t.device != query.device:
+            raise ValueError(f"{name} is on {t.device} but query is on {query.device}; move them to one device")
+    kernel_size = _positive_int("kernel_size", kernel_size)
+    dilation = _positive_int("dilation", dilation)
+    if kernel_size % 2 == 0:
+        raise ValueError(f"kernel_size must be odd (a window centred on its query), got {kernel_size}")
+    _, H, W, heads, _ = query.shape
+    if H < kernel_size * dilation or W < kernel_size * dilation:
+        raise ValueError(
+            f"the map (H, W) = ({H}, {W}) of query {_shape(query)} must be at least kernel_size * dilation = "
+            f"{kernel_size} * {dilation} = {kernel_size * dilation} on both sides (pad it first)"
+        )
+    if rpb is not None:
+        if not isinstance(rpb, torch.Tensor):
+            raise TypeError(f"rpb must be a torch.Tensor or None, got {type(rpb).__name__}")
+        side = 2 * kernel_size - 1
+        if _shape(rpb) != (heads, side, side):
+            raise ValueError(f"expected rpb (heads, 2K-1, 2K-1) = {(heads, side, side)}, got {_shape(rpb)}")
+        if rpb.dtype != query.dtype:
+            raise TypeError(f"rpb must be {query.dtype} like query, got {rpb.dtype}")
+        if rpb.device != query.device:
+            raise ValueError(f"rpb is on {rpb.device} but query is on {query.device}; move them to one device")
