@@ -27,7 +27,7 @@ _SA, _CA = PR + r"transformer_self_attention_layers.\1.", PR + r"transformer_cro
 OURS_TO_ORIGINAL = [
     # D2SwinTransformer: downsample at the end of stage i (ours: start of i + 1), norm{i} per output
     (r"backbone\.layers\.(\d+)\.downsample\.(.*)", lambda m: f"backbone.layers.{int(m[1]) - 1}.downsample.{m[2]}"),
-    (r"backbone\.(patch_embed|layers)\.(.*)", r"backbone.\1.\2"),
+    (r"backbone\.(patch_embed|layers|levels)\.(.*)", r"backbone.\1.\2"),
     # D2ConvNeXt: downsample_layers[0] is the stem, downsample_layers[i] opens stage i; blocks use dwconv/pwconv
     (r"backbone\.stem\.([01])\.(\w+)", r"backbone.downsample_layers.0.\1.\2"),
     (r"backbone\.stages\.(\d+)\.downsample\.([01])\.(\w+)", r"backbone.downsample_layers.\1.\2.\3"),
@@ -114,6 +114,10 @@ def ours_to_original(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 SWIN = {"name": "swin", "embed_dim": 16, "depths": [1, 1, 2, 1], "num_heads": [1, 1, 2, 2], "window_size": 7,
         "mlp_ratio": 4.0, "qkv_bias": True}
+# a DiNAT-L layout (depths, kernel 7 with the Cityscapes dilations: what the converter can recognise) at a tiny width
+DINAT = {"name": "dinat", "embed_dim": 16, "depths": [3, 4, 18, 5], "num_heads": [1, 1, 2, 2], "kernel_size": 7,
+         "dilations": [[1, 18, 1], [1, 5, 1, 9], [1, 2, 1, 3, 1, 4] * 3, [1, 2, 1, 2, 1]], "mlp_ratio": 2.0,
+         "qkv_bias": True, "layer_scale": None}
 CONVNEXT = {"name": "convnext", "depths": [1, 1, 2, 1], "dims": [16, 24, 32, 40], "kernel_size": 7,
             "layer_scale_init_value": 1.0, "in_chans": 3}
 

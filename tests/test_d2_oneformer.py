@@ -275,3 +275,26 @@ def test_pth_that_needs_code_execution_is_refused(original_state, tmp_path):
     with pytest.raises(CheckpointError, match=r"refusing to load (posix|os)\.system"):
         convert(src, tmp_path / "out2")
     assert not marker.exists()
+
+
+def test_dinat_oneformer_file_round_trip(tmp_path):
+    """An original OneFormer DiNAT file (D2DiNAT names): the backbone is recognised, the published dilations
+    for its kernel are filled in (they do not show in the weights), every weight lands where it was."""
+    from oneformer_d2_helpers import DINAT
+
+    config = tiny_config(DINAT, with_text_mapper=False)
+    model = random_oneformer(config, seed=3)
+    src = save_pth(ours_to_original(model.state_dict()), tmp_path / "dinat.pth")
+    raw = d2_oneformer.load_checkpoint(src)
+    assert "backbone.levels.0.blocks.0.attn.rpb" in raw and "backbone.norm0.weight" in raw
+    inferred = OneFormerConfig(**d2_oneformer.infer_architecture(raw))
+    assert inferred == config
+    loaded = from_pretrained(convert(src, tmp_path / "ours"))
+    ours, theirs = model.state_dict(), loaded.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    kernel5 = {k: torch.zeros(v.shape[0], 9, 9) if k.endswith("attn.rpb") else v for k, v in raw.items()}
+    with pytest.raises(ConversionError, match="kernel 5 .* dilations cannot be read from the weights"):
+        d2_oneformer.infer_architecture(kernel5)  # no published schedule has kernel 5
+    mixed = dict(raw, **{"backbone.levels.0.blocks.0.attn.rpb": torch.zeros(1, 9, 9)})
+    with pytest.raises(ConversionError, match="disagree on the kernel size"):
+        d2_oneformer.infer_architecture(mixed)

@@ -308,3 +308,35 @@ def test_bfloat16_autocast_forward():
     for a, b in zip(mixed, full):
         assert a.dtype == torch.bfloat16
         torch.testing.assert_close(a.float(), b, rtol=0.05, atol=0.1)
+
+
+# ----------------------------------------------------------------------------- OneFormer with a DiNAT backbone
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_oneformer_with_dinat_matches_transformers_float64(hf_dinat_runs, tmp_path, backend):
+    """transformers' OneFormerForUniversalSegmentation with a DiNAT backbone_config (the shi-labs DiNAT
+    checkpoints' layout), every parameter perturbed, save_pretrained, our from_pretrained: every prediction,
+    the task token and the contrastive queries agree in float64 for each task."""
+    import maskformers
+    from maskformers.models.oneformer import OneFormer
+    from test_oneformer_parity import hf_outputs, our_outputs, task_inputs
+
+    from mask2former_helpers import F64, assert_predictions_close
+
+    config = transformers.OneFormerConfig(
+        backbone_config=tiny_config(), hidden_dim=32, conv_dim=32, mask_dim=32, num_attention_heads=2,
+        encoder_feedforward_dim=32, dim_feedforward=48, num_queries=8, num_labels=4, decoder_layers=3,
+        encoder_layers=1, query_dec_layers=1,
+    )
+    torch.manual_seed(7)
+    hf = perturb_(transformers.OneFormerForUniversalSegmentation(config), seed=7).eval()
+    hf.save_pretrained(tmp_path / "ckpt")
+    ours = maskformers.from_pretrained(tmp_path / "ckpt", op_backend=backend)
+    assert isinstance(ours, OneFormer) and isinstance(ours.backbone, DiNATBackbone)
+    x = torch.randn(2, 3, 64, 72, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    hf.double(), ours.double()
+    for task in ("semantic", "panoptic"):
+        t = task_inputs(task)
+        expected, ref = hf_outputs(hf, x, t)
+        got, out = our_outputs(ours, x, t)
+        assert_predictions_close(expected, got, **F64)
+        torch.testing.assert_close(out.contrastive_queries, ref.transformer_decoder_contrastive_queries, **F64)

@@ -89,7 +89,9 @@ def convnext_rules(src_prefix: str = "backbone.", dst_prefix: str = "") -> list[
 
 def backbone_rules(kind: str, src_prefix: str = "backbone.", dst_prefix: str = "") -> list[Rule]:
     """The rename table of a backbone kind as :func:`detect_d2_backbone` names it."""
-    tables = {"swin": swin_rules, "resnet": resnet_rules, "convnext": convnext_rules}
+    from .d2_dinat import rules as dinat_rules
+
+    tables = {"swin": swin_rules, "resnet": resnet_rules, "convnext": convnext_rules, "dinat": dinat_rules}
     if kind not in tables:
         raise ValueError(f"backbone kind must be one of {sorted(tables)}, got {kind!r}")
     return tables[kind](src_prefix, dst_prefix)
@@ -158,10 +160,47 @@ def detect_d2_backbone(state_dict: Mapping[str, torch.Tensor], prefix: str = "ba
         return "resnet", {"depth": depth}
     if prefix + "downsample_layers.0.0.weight" in state_dict:
         return "convnext", _convnext_kwargs(state_dict, prefix)
+    if prefix + "patch_embed.proj.0.weight" in state_dict and prefix + "levels.0.blocks.0.attn.rpb" in state_dict:
+        return "dinat", _dinat_kwargs(state_dict, prefix)
     heads = sorted({k[len(prefix):].split(".")[0] for k in keys if k.startswith(prefix)})
-    if prefix + "patch_embed.proj.0.weight" in state_dict and "levels" in heads:
-        raise ConversionError("unsupported backbone: DiNAT (neighborhood attention; not implemented yet)")
-    raise ConversionError(f"no Swin, ResNet or ConvNeXt backbone under {prefix!r}: found {heads or 'no such keys'}")
+    raise ConversionError(
+        f"no Swin, ResNet, ConvNeXt or DiNAT backbone under {prefix!r}: found {heads or 'no such keys'}"
+    )
+
+
+# The dilations of a DiNAT do not show in its weights. The published OneFormer DiNAT-L checkpoints: kernel 11
+# with the 640-crop schedule (ADE20K 640/896, COCO, Mapillary Vistas; the ADE20K 1280 model needs the "1280"
+# schedule of maskformers.models.dinat.DINAT_L_DILATIONS, given with a config) and kernel 7 (Cityscapes).
+_DINAT_SCHEDULES = {
+    11: ((1, 20, 1), (1, 5, 1, 10), (1, 2, 1, 3, 1, 4, 1, 5) * 2 + (1, 5), (1, 2, 1, 2, 1)),
+    7: ((1, 18, 1), (1, 5, 1, 9), (1, 2, 1, 3, 1, 4) * 3, (1, 2, 1, 2, 1)),
+}
+
+
+def _dinat_kwargs(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[str, Any]:
+    p = re.escape(prefix)
+    blocks = _count(list(state_dict), p + r"levels\.(\d+)\.blocks\.(\d+)\.attn\.rpb")
+    depths = [len(blocks[level]) for level in sorted(blocks)]
+    rpbs = [state_dict[f"{prefix}levels.{level}.blocks.0.attn.rpb"] for level in sorted(blocks)]
+    kernels = {(int(r.shape[-1]) + 1) // 2 for r in rpbs}
+    if len(kernels) != 1:
+        raise ConversionError(f"DiNAT levels disagree on the kernel size: bias tables {[tuple(r.shape) for r in rpbs]}")
+    kernel = kernels.pop()
+    if kernel not in _DINAT_SCHEDULES or len(depths) != 4 or any(
+        len(d) != n for d, n in zip(_DINAT_SCHEDULES[kernel], depths)
+    ):
+        raise ConversionError(
+            f"a DiNAT with kernel {kernel} and depths {depths}: its dilations cannot be read from the weights and it "
+            "is not a published OneFormer DiNAT-L; give the backbone spec (with 'dilations') in a config"
+        )
+    embed_dim = int(state_dict[prefix + "patch_embed.proj.1.weight"].shape[0])  # the tokenizer's second conv
+    hidden = int(state_dict[prefix + "levels.0.blocks.0.mlp.fc1.weight"].shape[0])
+    return {
+        "embed_dim": embed_dim, "depths": depths, "num_heads": [int(r.shape[0]) for r in rpbs],
+        "kernel_size": kernel, "dilations": [list(level) for level in _DINAT_SCHEDULES[kernel]],
+        "mlp_ratio": hidden / embed_dim, "qkv_bias": prefix + "levels.0.blocks.0.attn.qkv.bias" in state_dict,
+        "layer_scale": 1.0 if prefix + "levels.0.blocks.0.gamma1" in state_dict else None,
+    }
 
 
 def _convnext_kwargs(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[str, Any]:
