@@ -4,6 +4,7 @@
 
     model = maskformers.from_pretrained("facebook/mask2former-swin-tiny-coco-panoptic")  # or a OneFormer
     processor = maskformers.ImageProcessor.from_pretrained("facebook/mask2former-swin-tiny-coco-panoptic")
+    # OneFormer: maskformers.OneFormerProcessor.from_pretrained(...)(images, "panoptic") adds task_inputs
 
 The deformable attention op lives in :mod:`maskformers.ops`, the building blocks in
 :mod:`maskformers.models` and :mod:`maskformers.layers`. Names are imported on first use, so
@@ -24,7 +25,11 @@ _EXPORTS = {
     "Mask2Former": ".models.mask2former",
     "Mask2FormerOutput": ".models.mask2former",
     "Mask2FormerConfig": ".models.config",
+    "OneFormer": ".models.oneformer",
+    "OneFormerOutput": ".models.oneformer",
+    "OneFormerConfig": ".models.config",
     "ImageProcessor": ".processing.image_processor",
+    "OneFormerProcessor": ".processing.oneformer_processor",
     "post_process_instance": ".processing.postprocess",
     "post_process_panoptic": ".processing.postprocess",
     "post_process_semantic": ".processing.postprocess",
@@ -35,7 +40,9 @@ __getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)
 
 if TYPE_CHECKING:
     from .hub import CheckpointError, from_pretrained
-    from .models.config import Mask2FormerConfig
+    from .models.config import Mask2FormerConfig, OneFormerConfig
     from .models.mask2former import Mask2Former, Mask2FormerOutput
+    from .models.oneformer import OneFormer, OneFormerOutput
     from .processing.image_processor import ImageProcessor
+    from .processing.oneformer_processor import OneFormerProcessor
     from .processing.postprocess import post_process_instance, post_process_panoptic, post_process_semantic

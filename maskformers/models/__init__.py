@@ -22,6 +22,16 @@ _EXPORTS = {
     "build_pixel_decoder": ".builders",
     "build_transformer_decoder": ".builders",
     "materialize": ".builders",
+    "DiNATBackbone": ".dinat",
+    "dinat_backbone": ".dinat",
+    "dinat_large": ".dinat",
+    "OneFormer": ".oneformer",
+    "OneFormerOutput": ".oneformer",
+    "build_oneformer": ".oneformer",
+    "oneformer_config": ".oneformer",
+    "QueryTransformer": ".query_transformer",
+    "TaskEncoder": ".task_encoder",
+    "TextMapper": ".text_mapper",
     "DATASETS": ".mask2former",
     "Mask2Former": ".mask2former",
     "Mask2FormerOutput": ".mask2former",
@@ -42,6 +52,11 @@ if TYPE_CHECKING:
     from .backbone import ResNetBackbone, SwinBackbone, build_backbone, resnet_backbone, swin_backbone
     from .builders import build_pixel_decoder, build_transformer_decoder, materialize
     from .config import Mask2FormerConfig, MaskFormerConfig, OneFormerConfig
+    from .dinat import DiNATBackbone, dinat_backbone, dinat_large
+    from .oneformer import OneFormer, OneFormerOutput, build_oneformer, oneformer_config
+    from .query_transformer import QueryTransformer
+    from .task_encoder import TaskEncoder
+    from .text_mapper import TextMapper
     from .mask2former import DATASETS, Mask2Former, Mask2FormerOutput, build_mask2former, mask2former_config
     from .pixel_decoder import MSDeformAttnPixelDecoder, PixelDecoderOutput
     from .transformer_decoder import DecoderOutput, MaskedAttentionDecoderLayer, MultiScaleMaskedTransformerDecoder
