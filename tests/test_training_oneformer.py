@@ -6,6 +6,13 @@ fine-tuning with a new label set."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -13,9 +20,10 @@ from maskformers.models.oneformer import OneFormerConfig, build_oneformer
 from maskformers.processing.class_info import ClassInfo
 from maskformers.processing.clip_tokenizer import CLIPTokenizer
 from maskformers.training.config import TrainingConfig
+from maskformers.training.criterion import _mix
 from maskformers.training.data import TrainingDataset, collate
 from maskformers.training.finetune import replace_class_head
-from maskformers.training.loop import criterion_for, train
+from maskformers.training.loop import _average_criterion_grads, _micro_step, _step_target_counts, criterion_for, train
 from maskformers.training.oneformer_data import (
     OneFormerTrainingDataset,
     draw_task,
@@ -215,27 +223,81 @@ def _fixed_loss(model, tokenizer, scenes, criterion):
 
 def test_training_lowers_the_loss_and_resumes_exactly(tokenizer, tmp_path):
     scenes = SyntheticScenes(2, size=64, seed=1)
-    config = TrainingConfig(max_steps=6, batch_size=2, num_points=200, lr=1e-3, log_every=1, checkpoint_every=3)
+    config = TrainingConfig(max_steps=5, batch_size=2, num_points=200, lr=3e-3, log_every=1, checkpoint_every=5)
     model = _model()
     criterion = criterion_for(model, config)
     before = _fixed_loss(model, tokenizer, scenes, criterion)
     full = train(model, _dataset(scenes, tokenizer, model), config=config, output_dir=tmp_path / "full",
                  progress=False)
-    assert full.step == 6 and all("loss_contrastive" in r for r in full.losses)
+    assert full.step == 5 and all("loss_contrastive" in r for r in full.losses)
     after = _fixed_loss(model, tokenizer, scenes, criterion)
     assert after < 0.9 * before, (before, after)
 
     resumed = _model()
     first = train(resumed, _dataset(scenes, tokenizer, resumed), config=config, output_dir=tmp_path / "split",
-                  progress=False, stop_after=3)
-    assert first.step == 3
+                  progress=False, stop_after=2)
+    assert first.step == 2
     resumed = _model(seed=5)  # the checkpoint restores every weight
     second = train(resumed, _dataset(scenes, tokenizer, resumed), config=config, output_dir=tmp_path / "split",
                    progress=False, resume=True)
-    assert second.step == 6
+    assert second.step == 5
     assert [r["loss"] for r in first.losses + second.losses] == [r["loss"] for r in full.losses]
     for (name, a), b in zip(model.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+DDP_SCRIPT = textwrap.dedent("""
+    import json, sys, torch
+    torch.set_num_threads(1)
+    sys.path.insert(0, sys.argv[3])
+    from test_training_oneformer import _step_gradients
+    from maskformers.processing.clip_tokenizer import CLIPTokenizer
+    from maskformers.training.distributed import setup, teardown
+    info = setup("cpu")
+    grads = _step_gradients(CLIPTokenizer.from_bpe_file(sys.argv[2]), range(2 * info.rank, 2 * info.rank + 2),
+                            info.world_size)
+    torch.save(grads, f"{sys.argv[1]}/grads-{info.rank}.pt")
+    teardown()
+""")
+
+
+def _step_gradients(tokenizer, rows, world_size=1):
+    """Gradients of one loop micro-step (the loop's own functions) on scenes ``rows`` of four, under DDP when
+    ``world_size`` > 1; the criterion's logit scale under "logit_scale"."""
+    model = _model()
+    criterion = criterion_for(model, TrainingConfig(num_points=200))
+    data = _dataset(SyntheticScenes(4, size=64, seed=1), tokenizer, model)
+    batch = collate([data[i] for i in rows])
+    ddp = model if world_size == 1 else torch.nn.parallel.DistributedDataParallel(model)
+    loss, _ = _micro_step(ddp, criterion, batch, [_mix(0, 0, i) for i in rows], _step_target_counts([batch]),
+                          torch.device("cpu"), None)
+    loss.backward()
+    _average_criterion_grads(criterion, world_size)
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    grads["logit_scale"] = criterion.extra_terms["contrastive"].logit_scale.grad.detach().clone()
+    return grads
+
+
+def test_two_processes_compute_the_gradients_of_one(tokenizer, tmp_path):
+    """Under torchrun (2 processes x 2 images) the gradients are those of one process with the 4 images: the
+    contrastive term takes its negatives from both processes (a differentiable all-gather), and the logit
+    scale, which lives outside DDP, is averaged like the model's gradients."""
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    tests = Path(__file__).resolve().parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests.parent), str(tests)]), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29527", str(script),
+           str(tmp_path), str(clip_bpe_file()), str(tests)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    one = _step_gradients(tokenizer, range(4))
+    rank0, rank1 = (torch.load(tmp_path / f"grads-{r}.pt") for r in (0, 1))
+    assert one["logit_scale"] != 0
+    for name, expected in one.items():
+        assert torch.equal(rank0[name], rank1[name]), name  # every process steps the same update
+        # the same gradients up to float32 summation order (gloo adds in another order than one process)
+        scale = max(1.0, expected.abs().max().item())
+        torch.testing.assert_close(rank0[name], expected, rtol=1e-4, atol=1e-5 * scale, msg=name)
 
 
 def test_finetune_replaces_the_oneformer_class_head(tokenizer, tmp_path):

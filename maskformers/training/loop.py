@@ -230,6 +230,7 @@ def train(
                 images += len(batch["targets"])
                 for k, v in parts.items():  # each micro-batch holds its share of the step's normalised loss
                     terms[k] = terms.get(k, 0.0) + v
+            _average_criterion_grads(criterion, info.world_size)
             if scaler is not None:
                 scaler.unscale_(optimizer)
             params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -322,6 +323,14 @@ def _step_target_counts(batches: list[dict[str, Any]]) -> list[int]:
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, local)
     return [c for part in gathered for c in part]
+
+
+def _average_criterion_grads(criterion: nn.Module, world_size: int) -> None:
+    """Average the gradients of the criterion's parameters (OneFormer's logit scale) over processes, as DDP does
+    for the model's: they are outside DDP, and each process would otherwise step its own copy apart."""
+    if world_size > 1:
+        for p in criterion.parameters():
+            p.grad = all_reduce_mean(p.grad if p.grad is not None else torch.zeros_like(p))
 
 
 def _micro_step(model, criterion, batch, keys, counts, device, autocast_dtype):
