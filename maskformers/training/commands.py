@@ -115,7 +115,9 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--model", default=None,
                    help="start from: a hub id or folder (fine-tuning), 'builtin' (new built-in architecture) or "
                         "a model config JSON (new model; \"model_type\": \"oneformer\" makes a OneFormer)")
-    p.add_argument("--task", choices=["panoptic", "instance", "semantic"], default=None)
+    p.add_argument("--task", choices=["panoptic", "instance", "semantic"], default=None,
+                   help="the targets' task and the evaluation metric (OneFormer: the metric only; its training "
+                        "draws a task per image)")
     _add_common_data(p)
     _add_data_arguments(p, "val-")
     p.add_argument("--val-split", default=None, help="HF dataset split for evaluation")
