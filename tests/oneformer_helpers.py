@@ -34,3 +34,28 @@ def write_clip_vocab(folder: Path) -> Path:
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}), encoding="utf-8")
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
     return folder
+
+
+def clip_bpe_file() -> Path:
+    """open_clip's packaged CLIP merge list (``bpe_simple_vocab_16e6.txt.gz``), found without importing open_clip
+    (its import takes seconds); skips the test when open_clip is not installed."""
+    import importlib.util
+
+    import pytest
+
+    spec = importlib.util.find_spec("open_clip")
+    path = Path(spec.origin).parent / "bpe_simple_vocab_16e6.txt.gz" if spec and spec.origin else None
+    if path is None or not path.is_file():
+        pytest.skip("open_clip (its packaged CLIP merge list) is not installed")
+    return path
+
+
+def clip_tokenizer_folder(folder: Path) -> Path:
+    """A folder with the real CLIP ``vocab.json`` + ``merges.txt``, written by our tokenizer from open_clip's merge
+    list (tests/test_processing_clip_tokenizer.py checks those files against :func:`write_clip_vocab`)."""
+    from maskformers.processing.clip_tokenizer import CLIPTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, content in CLIPTokenizer.from_bpe_file(clip_bpe_file()).files().items():
+        (folder / name).write_bytes(content)
+    return folder

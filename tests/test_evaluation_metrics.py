@@ -100,6 +100,20 @@ def test_mask_ap_hand_made():
     assert wrong_class.compute()["AP"] == 0.0
 
 
+def _oracle_logits(segments_per_image, shape, *, queries=12, num_classes=8):
+    """class (B, Q, K+1) and full-resolution mask (B, Q, H, W) logits that reproduce the given segments
+    ``[[(label, mask (h, w)), ...] per image]``: each segment one confident query, the rest "no object"."""
+    B, _, H, W = shape
+    cls = torch.full((B, queries, num_classes + 1), -20.0)
+    cls[:, :, num_classes] = 20.0
+    masks = torch.full((B, queries, H, W), -20.0)  # full resolution: post-processing's resize is the identity
+    for b, segments in enumerate(segments_per_image):
+        for q, (label, m) in enumerate(segments):
+            cls[b, q, num_classes], cls[b, q, label] = -20.0, 20.0
+            masks[b, q, : m.shape[0], : m.shape[1]] = torch.where(m, 20.0, -20.0)
+    return cls, masks
+
+
 def test_evaluate_model_end_to_end_on_a_perfect_oracle():
     """A fake model whose logits reproduce the ground truth must score 100 on every metric."""
     pytest.importorskip("pycocotools")
@@ -118,20 +132,97 @@ def test_evaluate_model_end_to_end_on_a_perfect_oracle():
             self.i = 0
 
         def forward(self, pixel_values):
-            B, _, H, W = pixel_values.shape
-            Q = 12
-            cls = torch.full((B, Q, 9), -20.0)
-            cls[:, :, 8] = 20.0
-            masks = torch.full((B, Q, H, W), -20.0)  # full resolution: post-processing's resize is the identity
-            for b in range(B):
+            segments = []
+            for _ in range(len(pixel_values)):
                 s = scenes[self.i]
                 self.i += 1
-                for q, (label, m) in enumerate(zip(s["labels"], s["masks"])):
-                    cls[b, q, 8], cls[b, q, label] = -20.0, 20.0
-                    masks[b, q, :64, :64] = torch.where(m, 20.0, -20.0)
-            return Mask2FormerOutput(class_logits=cls, mask_logits=masks, aux_outputs=[])
+                segments.append(list(zip(s["labels"].tolist(), s["masks"])))
+            cls, masks = _oracle_logits(segments, pixel_values.shape)
+            return Mask2FormerOutput(class_logits=cls, mask_logits=masks, aux_outputs=[],
+                                     hidden_states=torch.zeros(len(cls), cls.shape[1], 1))
 
     model = Oracle()
     metrics = evaluate_model(model, scenes, tasks=["panoptic", "semantic", "instance"], batch_size=2)
     for name in ("PQ", "SQ", "RQ", "PQ_th", "PQ_st", "mIoU", "pACC", "AP", "AP50", "AP75"):
         assert metrics[name] == pytest.approx(100.0), name
+
+
+@pytest.fixture(scope="module")
+def clip_folder(tmp_path_factory):
+    from oneformer_helpers import clip_tokenizer_folder
+
+    return clip_tokenizer_folder(tmp_path_factory.mktemp("clip"))
+
+
+def test_evaluate_oneformer_on_an_oracle(clip_folder, monkeypatch):
+    """A OneFormer runs once per metric with that metric's task prompt, through OneFormer's post-processing:
+    an oracle answering each prompt with that task's ground truth (stuff split in two queries of one class,
+    which OneFormer's panoptic inference fuses) scores 100 everywhere."""
+    pytest.importorskip("pycocotools")
+    from types import SimpleNamespace
+
+    from maskformers.evaluation import evaluate as evaluate_module
+    from maskformers.models.oneformer import OneFormerOutput
+    from maskformers.processing.class_info import ClassInfo
+    from maskformers.processing.clip_tokenizer import CLIPTokenizer
+    from maskformers.training.oneformer_data import oneformer_targets
+    from maskformers.training.synthetic import SYNTHETIC_CLASSES, SYNTHETIC_THING_IDS, SyntheticScenes
+
+    scenes = SyntheticScenes(3, size=64, seed=5)
+    info = ClassInfo(names=SYNTHETIC_CLASSES, thing_ids=SYNTHETIC_THING_IDS)
+    tokenizer = CLIPTokenizer.from_pretrained(clip_folder)
+    prompts = {task: tokenizer(f"The task is {task}")[0] for task in ("panoptic", "semantic", "instance")}
+
+    class OneFormerOracle(torch.nn.Module):
+        num_classes = 8
+
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+            self.task_encoder = SimpleNamespace(task_seq_len=77)
+            self.i, self.asked = 0, []
+
+        def forward(self, pixel_values, task_inputs):
+            tasks = [next(t for t, ids in prompts.items() if torch.equal(ids, row)) for row in task_inputs]
+            assert len(set(tasks)) == 1
+            self.asked.append(tasks[0])
+            segments = []
+            for b in range(len(pixel_values)):
+                s = scenes[self.i + b]
+                target, _ = oneformer_targets(s, tasks[0], info)
+                image = []
+                for label, mask in zip(target["labels"].tolist(), target["masks"]):
+                    if tasks[0] == "panoptic" and label not in SYNTHETIC_THING_IDS:  # two halves of one stuff region
+                        left = torch.zeros_like(mask)
+                        left[:, :32] = True
+                        image += [(label, mask & left), (label, mask & ~left)]
+                    else:
+                        image.append((label, mask))
+                segments.append(image)
+            if tasks[0] == "instance":  # the last task of a batch
+                self.i += len(pixel_values)
+            cls, masks = _oracle_logits(segments, pixel_values.shape)
+            return OneFormerOutput(class_logits=cls, mask_logits=masks, aux_outputs=[],
+                                   hidden_states=torch.zeros(len(cls), cls.shape[1], 1),
+                                   task_token=torch.zeros(len(cls), 1), contrastive_queries=torch.zeros(len(cls), 1))
+
+    rules = []
+    for name in ("post_process_panoptic", "post_process_semantic", "post_process_instance"):
+        real = getattr(evaluate_module, name)
+        monkeypatch.setattr(evaluate_module, name,
+                            lambda *a, _real=real, **k: rules.append(k.get("model")) or _real(*a, **k))
+    model = OneFormerOracle()
+    metrics = evaluate_module.evaluate_model(model, scenes, tasks=["panoptic", "semantic", "instance"], batch_size=2,
+                                             tokenizer=tokenizer)
+    assert model.asked == ["panoptic", "semantic", "instance"] * 2  # one pass per metric and batch
+    assert set(rules) == {"oneformer"}
+    for name in ("PQ", "SQ", "RQ", "PQ_th", "PQ_st", "mIoU", "pACC", "AP", "AP50", "AP75"):
+        assert metrics[name] == pytest.approx(100.0), name
+
+    model = OneFormerOracle()  # the tokenizer of the folder the model was loaded from
+    model.source_folder = clip_folder
+    again = evaluate_module.evaluate_model(model, scenes, task="panoptic", batch_size=3)
+    assert again["PQ"] == pytest.approx(100.0) and model.asked == ["panoptic"]
+    model.source_folder = clip_folder.parent
+    with pytest.raises(ValueError, match="needs its CLIP tokenizer"):
+        evaluate_module.evaluate_model(model, scenes, task="panoptic")

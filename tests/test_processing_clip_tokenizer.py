@@ -9,6 +9,7 @@ compared exactly, both as OneFormer's processor pads them (B, 77) and untruncate
 
 from __future__ import annotations
 
+import json
 import random
 import unicodedata
 
@@ -144,3 +145,21 @@ def test_bad_inputs(tmp_path, vocab_dir, ours):
     (tmp_path / "merges.txt").write_text("#version: 0.2\na b c\n")
     with pytest.raises(ValueError, match="line 2: expected two symbols"):
         CLIPTokenizer.from_pretrained(tmp_path)
+
+
+def test_from_bpe_file_builds_the_released_vocabulary(vocab_dir, ours, tmp_path):
+    """CLIP's released merge list (open_clip's copy) -> the vocab.json + merges.txt of the hub checkpoints,
+    byte for byte once written back by ``files()``; a file that is not that list is refused."""
+    from oneformer_helpers import clip_bpe_file
+
+    built = CLIPTokenizer.from_bpe_file(clip_bpe_file())
+    assert list(built.vocab.items()) == list(ours.vocab.items()) and built.ranks == ours.ranks
+    files = built.files()
+    assert files["merges.txt"] == (vocab_dir / "merges.txt").read_bytes()
+    assert json.loads(files["vocab.json"]) == json.loads((vocab_dir / "vocab.json").read_text(encoding="utf-8"))
+    text = "the task is panoptic, a photo with a Café 42"
+    assert torch.equal(built([text]), ours([text]))
+    short = tmp_path / "short.txt"
+    short.write_text("#version\na b\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="not CLIP's BPE merge list"):
+        CLIPTokenizer.from_bpe_file(short)

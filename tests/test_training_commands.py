@@ -83,3 +83,58 @@ def test_bad_data_arguments_exit_with_a_message(tmp_path):
         cli.main(["train", "--data", "coco-panoptic", "--out", str(tmp_path), "--quiet"])
     with pytest.raises(SystemExit, match="needs --id2label"):
         cli.main(["train", "--data", "semantic-folder", "--out", str(tmp_path), "--quiet"])
+
+
+ONEFORMER = {**TINY, "model_type": "oneformer", "num_queries": 8, "query_dec_layers": 1, "with_text_mapper": True,
+             "text_width": 32, "text_layers": 1, "text_heads": 2, "text_context_length": 16, "text_n_ctx": 2}
+
+
+@pytest.fixture(scope="module")
+def trained_oneformer(tmp_path_factory):
+    """A OneFormer config trained by `maskformers train` with CLIP's released merge list as --tokenizer."""
+    from oneformer_helpers import clip_bpe_file
+
+    root = tmp_path_factory.mktemp("cli-oneformer")
+    (root / "oneformer.json").write_text(json.dumps(ONEFORMER))
+    out = root / "run"
+    rc = cli.main(["train", "--model", str(root / "oneformer.json"), "--tokenizer", str(clip_bpe_file()), "--data",
+                   "synthetic", "--scenes", "8", "--size", "64", "--steps", "2", "--batch-size", "2", "--num-points",
+                   "100", "--eval-every", "2", "--val-scenes", "2", "--out", str(out), "--quiet"])
+    assert rc == 0
+    return root, out
+
+
+def test_train_a_oneformer_and_use_it(trained_oneformer, tmp_path, capsys):
+    import PIL.Image
+
+    from maskformers.training.synthetic import SyntheticScenes
+
+    root, out = trained_oneformer
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert "loss_contrastive" in records[0] and any("PQ" in r.get("eval", {}) for r in records)
+    for name in ("final", "best"):  # weights + config + what segment/evaluate need: tokenizer, class info
+        for file in ("model.safetensors", "maskformers_config.json", "vocab.json", "merges.txt",
+                     "preprocessor_config.json"):
+            assert (out / name / file).is_file(), (name, file)
+    saved = json.loads((out / "final" / "maskformers_config.json").read_text())
+    assert saved["model_type"] == "oneformer" and saved["id2label"]["4"] == "sky"
+    processor = json.loads((out / "final" / "preprocessor_config.json").read_text())
+    assert processor["class_info"]["0"] == {"name": "circle", "isthing": 1} and processor["num_text"] == 6
+
+    path = tmp_path / "metrics.json"
+    rc = cli.main(["evaluate", "--model", str(out / "final"), "--data", "synthetic", "--scenes", "2", "--size", "64",
+                   "--task", "panoptic", "--task", "semantic", "--task", "instance", "--json", str(path)])
+    assert rc == 0
+    metrics = json.loads(path.read_text())["metrics"]
+    assert all(0 <= metrics[k] <= 100 for k in ("PQ", "mIoU", "AP"))
+
+    scene = SyntheticScenes(1, size=64, seed=3)[0]
+    PIL.Image.fromarray(scene["image"].permute(1, 2, 0).numpy()).save(tmp_path / "scene.png")
+    for task in ("panoptic", "instance"):
+        rc = cli.main(["segment", str(tmp_path / "scene.png"), "--model", str(out / "best"), "--task", task,
+                       "--out", str(tmp_path / task), "--quiet"])
+        assert rc == 0 and (tmp_path / task / "scene_segments.json").is_file()
+
+    with pytest.raises(SystemExit, match="needs its CLIP tokenizer"):  # a config alone has no tokenizer
+        cli.main(["train", "--model", str(root / "oneformer.json"), "--data", "synthetic", "--scenes", "4", "--size",
+                  "64", "--steps", "1", "--out", str(tmp_path / "none"), "--quiet"])

@@ -89,3 +89,20 @@ def test_plugs_into_the_criterion_as_an_extra_term():
     assert [n for n, _ in crit.named_parameters()] == ["extra_terms.contrastive.logit_scale"]
     crit.total(losses).backward()
     assert term.logit_scale.grad is not None and term.logit_scale.grad != 0
+
+
+def test_extra_terms_take_their_share_of_an_accumulated_step():
+    """With the step's target counts (the loop's gradient accumulation), a micro-batch's contrastive mean is
+    weighted by its share of the step's images, so the micro-batches add up to one mean."""
+    g = torch.Generator().manual_seed(1)
+    image, text = _queries(5, batch=2)
+    outputs = {"class_logits": torch.randn(2, 6, 4, generator=g), "mask_logits": torch.randn(2, 6, 8, 8, generator=g),
+               "aux_outputs": [], "contrastive_queries": image, "text_queries": text}
+    targets = [{"labels": torch.tensor([1]), "masks": torch.ones(1, 32, 32)},
+               {"labels": torch.tensor([0]), "masks": torch.ones(1, 32, 32)}]
+    crit = MaskFormerCriterion(num_classes=3, num_points=50, matcher=HungarianMatcher(num_points=50),
+                               extra_terms={"contrastive": ContrastiveLoss()})
+    alone = crit(outputs, targets)["loss_contrastive"]
+    torch.testing.assert_close(crit(outputs, targets, step_target_counts=[1, 1])["loss_contrastive"], alone)
+    quarter = crit(outputs, targets, step_target_counts=[1, 1, 2, 0, 1, 1, 3, 1])["loss_contrastive"]
+    torch.testing.assert_close(quarter, alone / 4)

@@ -12,65 +12,13 @@ import torch
 
 from maskformers.training.criterion import MaskFormerCriterion, weighted_total
 from maskformers.training.matcher import HungarianMatcher, solve_assignments
-from maskformers.training.points import importance_sample_points, num_importance_points
+from maskformers.training.points import importance_sample_points
+from criterion_helpers import Replay, make_case as _case, recorded_draws as _draws
 
 transformers = pytest.importorskip("transformers")
 from transformers.models.mask2former import modeling_mask2former as hf  # noqa: E402
 
 F64 = dict(rtol=1e-12, atol=1e-12)
-
-
-def _case(seed: int, *, batch=2, queries=7, classes=5, levels=3, low=(16, 20), high=(64, 80), counts=(3, 5)):
-    g = torch.Generator().manual_seed(seed)
-    preds = []
-    for _ in range(levels):
-        cls = torch.randn(batch, queries, classes + 1, generator=g, dtype=torch.float64) * 2
-        masks = torch.randn(batch, queries, *low, generator=g, dtype=torch.float64) * 3
-        preds.append((cls, masks))
-    targets = []
-    for n in counts:
-        labels = torch.randint(0, classes, (n,), generator=g)
-        masks = (torch.rand(n, *high, generator=g) < torch.rand(n, 1, 1, generator=g)).to(torch.float64)
-        targets.append({"labels": labels, "masks": masks})
-    outputs = {"class_logits": preds[-1][0], "mask_logits": preds[-1][1],
-               "aux_outputs": [{"class_logits": c, "mask_logits": m} for c, m in preds[:-1]]}
-    return outputs, targets
-
-
-class Replay:
-    """A uniform source that hands out pre-drawn tensors in order, checking their shapes."""
-
-    def __init__(self, tensors):
-        self.tensors = list(tensors)
-
-    def __call__(self, *shape, device=None, dtype=None, **_):
-        shape = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else tuple(shape)
-        assert self.tensors, f"no recorded draw left for shape {shape}"
-        t = self.tensors.pop(0)
-        assert tuple(t.shape) == shape, f"recorded draw {tuple(t.shape)} requested as {shape}"
-        return t
-
-    def done(self) -> bool:
-        return not self.tensors
-
-
-def _draws(outputs, targets, *, num_points, oversample=3.0, importance=0.75, seed=1):
-    """Our draws (one per purpose) and the same numbers in transformers' order."""
-    g = torch.Generator().manual_seed(seed)
-    levels = 1 + len(outputs["aux_outputs"])
-    B, Q = outputs["class_logits"].shape[:2]
-    per_level = sum(min(Q, len(t["labels"])) for t in targets)
-    k, m = int(num_points * oversample), num_importance_points(num_points, importance)
-    match = torch.rand(levels, B, num_points, 2, generator=g, dtype=torch.float64)
-    cand = torch.rand(levels * per_level, k, 2, generator=g, dtype=torch.float64)
-    rand = torch.rand(levels * per_level, num_points - m, 2, generator=g, dtype=torch.float64)
-    ours = [match, cand, rand]
-    theirs = []
-    for lvl in range(levels):
-        theirs += [match[lvl, b][None] for b in range(B)]
-        rows = slice(lvl * per_level, (lvl + 1) * per_level)
-        theirs += [cand[rows], rand[rows]]
-    return ours, theirs
 
 
 def _hf_loss(num_classes, num_points, **kw):

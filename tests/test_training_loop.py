@@ -99,7 +99,7 @@ def test_parameter_groups_and_poly_schedule():
         assert g["lr"] == pytest.approx(1e-4 if name.startswith("backbone") else 1e-3)
         assert g["weight_decay"] == (0.0 if name.endswith("no_decay") else 0.05)
     no_decay = {names[id(p)] for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}
-    assert "transformer_decoder.query_feat.weight" in no_decay and "transformer_decoder.level_embed.weight" in no_decay
+    assert "query_feat.weight" in no_decay and "transformer_decoder.level_embed.weight" in no_decay
     assert "backbone.layers.0.blocks.0.attn.relative_position_bias_table" in no_decay
     assert "backbone.norms.0.weight" in no_decay and "pixel_decoder.input_projs.0.1.bias" in no_decay
     assert "transformer_decoder.head.class_embed.weight" not in no_decay

@@ -10,11 +10,17 @@ dataset beforehand for large images), predictions go through the project's post-
 ``tasks`` may ask for several metrics from one model (a panoptic model is usually also scored on mIoU
 and AP, as in the Mask2Former paper); the instance and semantic metrics then use the model's own
 instance and semantic post-processing.
+
+A OneFormer runs once per metric with that metric's task prompt (panoptic for PQ, semantic for mIoU,
+instance for AP: ``"the task is {task}"`` through its CLIP tokenizer) and OneFormer's post-processing
+(``model="oneformer"`` in :mod:`maskformers.processing.postprocess`): stuff classes fused into one segment
+per class for PQ, as the original's panoptic inference; for AP every top-k (query, class) pair of a thing
+class (the original's ``is_demo=False`` with its thing filter).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -42,17 +48,23 @@ def evaluate_model(
     ignore_index: int = 255,
     progress: bool = False,
     limit: int | None = None,
+    tokenizer: Any = None,
 ) -> dict[str, float]:
     """Metrics of ``model`` on ``dataset`` (a reader of samples, or a TrainingDataset: its reader is used).
 
-    threshold / overlap_threshold: panoptic post-processing (the original's 0.8 / 0.8). Returns a flat
-    dict: "PQ", "SQ", "RQ", "PQ_th", ... / "mIoU", "fwIoU", "pACC" / "AP", "AP50", ... (percent).
+    threshold / overlap_threshold: panoptic post-processing (the original's 0.8 / 0.8). tokenizer: a
+    OneFormer's :class:`~maskformers.processing.CLIPTokenizer` (default: the one in the folder the model was
+    loaded from). Returns a flat dict: "PQ", "SQ", "RQ", "PQ_th", ... / "mIoU", "fwIoU", "pACC" / "AP",
+    "AP50", ... (percent).
     """
     reader = getattr(dataset, "reader", dataset)
     thing_ids = frozenset(thing_ids if thing_ids is not None else getattr(reader, "thing_ids", ()))
     num_classes = model.num_classes
     tasks = list(tasks or [task])
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    prompts = _task_prompts(model, tokenizer)  # None for Mask2Former
+    post: dict[str, Any] = {} if prompts is None else {"model": "oneformer"}
+    fuse = set(range(num_classes)) - thing_ids if prompts is not None else None
     pq = PanopticQuality(num_classes=num_classes, thing_ids=thing_ids) if "panoptic" in tasks else None
     miou = SemanticIoU(num_classes=num_classes, ignore_index=ignore_index) if "semantic" in tasks else None
     ap = MaskAP(class_ids=range(num_classes)) if "instance" in tasks else None
@@ -68,23 +80,23 @@ def evaluate_model(
         for start in order:
             samples = [reader[i] for i in range(start, min(start + batch_size, n))]
             batch = collate([(s, {"labels": s["labels"], "masks": s["masks"]}) for s in samples])
-            with torch.inference_mode():
-                out = model(batch["pixel_values"].to(device))
+            pixel_values = batch["pixel_values"].to(device)
+            predict = _predictor(model, pixel_values, prompts)
             sizes = [tuple(s["image"].shape[1:]) for s in samples]
-            common = dict(input_size=tuple(batch["pixel_values"].shape[-2:]), image_sizes=sizes, target_sizes=sizes)
-            cls, masks = out.class_logits.float(), out.mask_logits.float()
+            common = dict(input_size=tuple(pixel_values.shape[-2:]), image_sizes=sizes, target_sizes=sizes, **post)
             if pq is not None:
-                results = post_process_panoptic(cls, masks, threshold=threshold,
+                results = post_process_panoptic(*predict("panoptic"), threshold=threshold, label_ids_to_fuse=fuse,
                                                 overlap_mask_area_threshold=overlap_threshold, **common)
                 for s, r in zip(samples, results):
                     gt, gt_segments = panoptic_map(s)
                     pq.update(r["segmentation"].cpu(), r["segments_info"], gt, gt_segments)
             if miou is not None:
-                for s, r in zip(samples, post_process_semantic(cls, masks, **common)):
+                for s, r in zip(samples, post_process_semantic(*predict("semantic"), **common)):
                     miou.update(r.cpu(), semantic_map(s, ignore_index))
             if ap is not None:
                 things = torch.tensor(sorted(thing_ids), dtype=torch.int64)
-                for s, r in zip(samples, post_process_instance(cls, masks, threshold=0.0, return_masks=True,
+                instance = dict(threshold=0.0) if prompts is None else dict(threshold=None, thing_ids=thing_ids)
+                for s, r in zip(samples, post_process_instance(*predict("instance"), return_masks=True, **instance,
                                                                **common)):
                     keep = [k for k, seg in enumerate(r["segments_info"]) if seg["label_id"] in thing_ids]
                     labels = torch.tensor([r["segments_info"][k]["label_id"] for k in keep], dtype=torch.int64)
@@ -102,6 +114,46 @@ def evaluate_model(
     if ap is not None:
         metrics.update(ap.compute())
     return metrics
+
+
+def _task_prompts(model: torch.nn.Module, tokenizer: Any) -> Callable[[str, int], torch.Tensor] | None:
+    """For a OneFormer, ``prompts(task, batch)`` -> (batch, task_seq_len) ids; None for other models."""
+    encoder = getattr(model, "task_encoder", None)
+    if encoder is None:
+        return None
+    from ..processing.oneformer_processor import OneFormerProcessor
+
+    if tokenizer is None:
+        from ..processing.clip_tokenizer import CLIPTokenizer
+
+        folder = getattr(model, "source_folder", None)
+        try:
+            tokenizer = CLIPTokenizer.from_pretrained(folder) if folder is not None else None
+        except FileNotFoundError:
+            tokenizer = None
+        if tokenizer is None:
+            raise ValueError("evaluating a OneFormer needs its CLIP tokenizer for the task prompts: pass tokenizer= "
+                             "(maskformers.processing.CLIPTokenizer), or load the model from a checkpoint folder "
+                             f"holding vocab.json + merges.txt (this one came from {folder})")
+    return OneFormerProcessor(tokenizer=tokenizer, task_seq_length=encoder.task_seq_len).task_inputs
+
+
+def _predictor(model: torch.nn.Module, pixel_values: torch.Tensor, prompts: Any) -> Callable[[str], tuple]:
+    """``predict(task)`` -> float32 (class_logits, mask_logits) of the batch: one forward pass for a
+    Mask2Former, one per task (its prompt) for a OneFormer, each run once."""
+    cache: dict[str | None, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def predict(task: str) -> tuple[torch.Tensor, torch.Tensor]:
+        key = None if prompts is None else task
+        if key not in cache:
+            args = [pixel_values] if prompts is None else [pixel_values, prompts(task, len(pixel_values))
+                                                          .to(pixel_values.device)]
+            with torch.inference_mode():
+                out = model(*args)
+            cache[key] = (out.class_logits.float(), out.mask_logits.float())
+        return cache[key]
+
+    return predict
 
 
 def format_table(metrics: dict[str, float]) -> str:

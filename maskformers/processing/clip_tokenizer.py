@@ -168,6 +168,33 @@ class CLIPTokenizer:
         return cls(vocab=model["vocab"], merges=merges, **kwargs)
 
     @classmethod
+    def from_bpe_file(cls, path: str | os.PathLike, **kwargs) -> "CLIPTokenizer":
+        """From the merge list CLIP was released with (``bpe_simple_vocab_16e6.txt.gz``, shipped by OpenAI's
+        CLIP, open_clip and the original OneFormer; gzipped or plain). The vocabulary is built as they build it
+        (and as transformers' conversion laid out ``vocab.json``): the 256 byte symbols, the same with
+        ``</w>``, one token per merge of the first 48,894, then ``<|startoftext|>`` and ``<|endoftext|>``."""
+        import gzip
+
+        opener = gzip.open if os.fspath(path).endswith(".gz") else open
+        with opener(path, "rt", encoding="utf-8") as f:
+            lines = f.read().split("\n")
+        merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
+        bad = [i + 2 for i, pair in enumerate(merges) if len(pair) != 2]
+        if bad or len(merges) != 49152 - 256 - 2:
+            raise ValueError(f"{os.fspath(path)!r} is not CLIP's BPE merge list (expected 48894 merges after a header "
+                             f"line; got {len(merges)}, malformed lines {bad[:5]})")
+        symbols = sorted(bytes_to_unicode().values())  # CLIP's order: the printable bytes, then the remapped ones
+        tokens = [*symbols, *(s + END_OF_WORD for s in symbols), *("".join(pair) for pair in merges)]
+        vocab = {token: i for i, token in enumerate([*tokens, START_TOKEN, END_TOKEN])}
+        return cls(vocab=vocab, merges=merges, **kwargs)
+
+    def files(self) -> dict[str, bytes]:
+        """``vocab.json`` and ``merges.txt`` of this tokenizer (what :meth:`from_pretrained` reads back)."""
+        merges = [pair for pair, _ in sorted(self.ranks.items(), key=lambda item: item[1])]
+        return {"vocab.json": json.dumps(self.vocab, ensure_ascii=False).encode("utf-8"),
+                "merges.txt": ("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges)).encode("utf-8")}
+
+    @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, **kwargs) -> "CLIPTokenizer":
         """From a checkpoint folder holding ``vocab.json`` and ``merges.txt`` (the hub checkpoints), or else
         ``tokenizer.json`` (a transformers 5 ``save_pretrained`` folder)."""

@@ -39,7 +39,7 @@ from .class_info import ClassInfo, load_class_info
 from .clip_tokenizer import CLIPTokenizer
 from .image_processor import CONFIG_NAME, ImageProcessor
 
-__all__ = ["OneFormerProcessor", "TASKS", "segmentation_map_to_masks"]
+__all__ = ["OneFormerProcessor", "TASKS", "PLACEHOLDERS", "segmentation_map_to_masks", "task_targets"]
 
 TASKS = ("semantic", "instance", "panoptic")
 PLACEHOLDERS = {"semantic": "a semantic photo", "instance": "an instance photo", "panoptic": "a panoptic photo"}
@@ -100,10 +100,16 @@ def segmentation_map_to_masks(
     return masks, torch.tensor(labels, dtype=torch.int64, device=ids.device)
 
 
-def _task_targets(
+def task_targets(
     masks: torch.Tensor, labels: torch.Tensor, task: str, class_info: ClassInfo, num_text: int
 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """OneFormer's per-task rule: which segments are targets, and the text prompts that name them."""
+    """OneFormer's per-task rule (the original's unified dataset mapper): which segments are targets, and the
+    ``num_text`` text prompts that name them. masks (N, H, W), labels (N,) -> the task's masks and labels
+    (instance: thing classes only; semantic: one merged mask per class, in order of first appearance;
+    panoptic: all) and the prompts: ``"a photo with a {name}"`` once per kept segment in class-id order,
+    then the task's placeholder (:data:`PLACEHOLDERS`) up to ``num_text``."""
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     unknown = sorted({int(c) for c in labels.tolist()} - set(range(len(class_info.names))))
     if unknown:
         raise ValueError(f"class ids {unknown} are not among the {len(class_info.names)} classes of the class info")
@@ -283,7 +289,7 @@ class OneFormerProcessor(ImageProcessor):
                 resized, instance_id_to_semantic_id=mappings[i], ignore_index=self.ignore_index,
                 do_reduce_labels=self.do_reduce_labels,
             )
-            masks, labels, prompts = _task_targets(masks, labels, task, self.class_info, self.num_text)
+            masks, labels, prompts = task_targets(masks, labels, task, self.class_info, self.num_text)
             padded = torch.zeros((len(labels), *canvas), dtype=torch.float32, device=out["pixel_values"].device)
             padded[:, : masks.shape[1], : masks.shape[2]] = masks
             mask_labels.append(padded)

@@ -8,11 +8,18 @@ Each command is an ``add_*_parser(subparsers)`` / ``run_*(args)`` pair, register
     torchrun --nproc_per_node=8 -m maskformers train ...               # DDP (see README)
     maskformers evaluate --model runs/ft/best --data coco-panoptic ... --task panoptic --json metrics.json
     maskformers demo --out demo/
+
+OneFormer trains the same way: ``--model`` a OneFormer checkpoint or a config JSON with ``"model_type":
+"oneformer"``; its CLIP tokenizer comes from the checkpoint folder or ``--tokenizer`` (a folder with
+``vocab.json`` + ``merges.txt``, or CLIP's ``bpe_simple_vocab_16e6.txt.gz``). A task is drawn per image as the
+original (see :mod:`.oneformer_data`); the saved models carry the tokenizer and class info, so ``maskformers
+segment`` and ``maskformers evaluate`` run them.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -103,12 +110,14 @@ def _has_val(args: argparse.Namespace) -> bool:
 
 # ---------------------------------------------------------------------------------------------- train
 def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("train", help="train or fine-tune a Mask2Former (single process or torchrun)")
+    p = subparsers.add_parser("train", help="train or fine-tune a Mask2Former or a OneFormer (one process or torchrun)")
     p.add_argument("--recipe", choices=["builtin"], help="a complete recipe: 'builtin' = the shipped demo model")
     p.add_argument("--model", default=None,
                    help="start from: a hub id or folder (fine-tuning), 'builtin' (new built-in architecture) or "
-                        "a maskformers_config.json (new model)")
-    p.add_argument("--task", choices=["panoptic", "instance", "semantic"], default=None)
+                        "a model config JSON (new model; \"model_type\": \"oneformer\" makes a OneFormer)")
+    p.add_argument("--task", choices=["panoptic", "instance", "semantic"], default=None,
+                   help="the targets' task and the evaluation metric (OneFormer: the metric only; its training "
+                        "draws a task per image)")
     _add_common_data(p)
     _add_data_arguments(p, "val-")
     p.add_argument("--val-split", default=None, help="HF dataset split for evaluation")
@@ -124,6 +133,7 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--on-error", choices=["raise", "skip"], default="raise", help="bad samples: fail or skip")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_tokenizer_argument(p)
     p.set_defaults(run=run_train)
     return p
 
@@ -144,7 +154,15 @@ def _training_config(args: argparse.Namespace) -> Any:
     return TrainingConfig.from_dict(fields)
 
 
+def _add_tokenizer_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tokenizer", default=None, metavar="PATH",
+                   help="OneFormer: CLIP tokenizer folder (vocab.json + merges.txt) or bpe_simple_vocab_16e6.txt.gz "
+                        "(default: the checkpoint folder's)")
+
+
 def _load_model(spec: str | None, seed: int = 0) -> Any:
+    """The built-in architecture, a new model from a config JSON (``"model_type": "oneformer"`` or OneFormer
+    fields make a OneFormer, else a Mask2Former), or a checkpoint (either model, read from it)."""
     from .builtin import build_builtin_model
 
     if spec in (None, "builtin"):
@@ -154,16 +172,66 @@ def _load_model(spec: str | None, seed: int = 0) -> Any:
         import torch
 
         from ..models.mask2former import Mask2FormerConfig, build_mask2former
+        from ..models.oneformer import OneFormerConfig, build_oneformer
 
+        fields = json.loads(path.read_text())
+        if isinstance(fields.get("config"), dict):  # a saved maskformers_config.json
+            fields = {"model_type": fields.get("model_type"), **fields["config"]}
+        model_type = fields.pop("model_type", None)
+        if model_type is None:
+            own = {f.name for f in dataclasses.fields(OneFormerConfig)} - {f.name for f in
+                                                                           dataclasses.fields(Mask2FormerConfig)}
+            model_type = "oneformer" if own & set(fields) else "mask2former"
+        if model_type not in ("mask2former", "oneformer"):
+            raise SystemExit(f"{path}: model_type must be 'mask2former' or 'oneformer', got {model_type!r}")
         torch.manual_seed(seed)
-        return build_mask2former(Mask2FormerConfig.from_dict(json.loads(path.read_text())))
-    from ..models.mask2former import Mask2Former
+        if model_type == "oneformer":
+            return build_oneformer(OneFormerConfig.from_dict(fields))
+        return build_mask2former(Mask2FormerConfig.from_dict(fields))
+    from ..hub import from_pretrained
 
-    return Mask2Former.from_pretrained(spec)
+    return from_pretrained(spec)
+
+
+def _tokenizer(spec: str | None, model: Any) -> Any:
+    """A OneFormer's CLIP tokenizer: ``--tokenizer`` (folder or BPE merge file), else its checkpoint folder's."""
+    from ..processing.clip_tokenizer import CLIPTokenizer
+
+    if spec is not None:
+        path = Path(spec)
+        if path.is_dir():
+            return CLIPTokenizer.from_pretrained(path)
+        if path.is_file():
+            return CLIPTokenizer.from_bpe_file(path)
+        raise SystemExit(f"--tokenizer {spec}: no such folder or file")
+    folder = getattr(model, "source_folder", None)
+    if folder is not None:
+        try:
+            return CLIPTokenizer.from_pretrained(folder)
+        except FileNotFoundError:
+            pass
+    where = "" if folder is None else f"; {folder} has none"
+    raise SystemExit("a OneFormer needs its CLIP tokenizer: pass --tokenizer FOLDER (vocab.json + merges.txt, e.g. "
+                     "a OneFormer hub checkpoint) or --tokenizer bpe_simple_vocab_16e6.txt.gz (CLIP's merge list, "
+                     f"shipped by open_clip and the original OneFormer){where}")
+
+
+def _package_oneformer(model: Any, tokenizer: Any, dataset: Any, size: int) -> None:
+    """Make ``save_pretrained`` write what ``maskformers segment`` / ``evaluate`` need beside the weights: the
+    tokenizer files and a processor config holding the dataset's class info (names, thing ids)."""
+    from ..processing.oneformer_processor import OneFormerProcessor
+
+    config = dict(model.preprocessor_config or OneFormerProcessor(
+        size={"shortest_edge": size, "longest_edge": 4 * size}).to_dict())
+    config.update(class_info=dataset.class_info.to_dict(), class_info_file=None, num_text=dataset.num_text,
+                  task_seq_length=dataset.task_seq_len, max_seq_length=dataset.text_seq_len)
+    config.pop("metadata", None)
+    model.preprocessor_config = config
+    model.extra_files = {**getattr(model, "extra_files", {}), **tokenizer.files()}
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from ..models.mask2former import Mask2Former
+    from ..hub import from_pretrained
     from .builtin import BUILTIN_IMAGE_SIZE, BUILTIN_RECIPE
     from .data import TrainingDataset
     from .distributed import setup, teardown
@@ -197,7 +265,18 @@ def run_train(args: argparse.Namespace) -> int:
                                               max_size=crop * 4, seed=config.seed)
         else:
             transform = lsj_augmentation(size, scale_range=tuple(args.scale_range or (0.1, 2.0)), seed=config.seed)
-        dataset = TrainingDataset(reader, task=config.task, transform=transform, on_error=args.on_error)
+        if getattr(model, "task_encoder", None) is not None:  # OneFormer: a task drawn per image, prompts
+            from .oneformer_data import OneFormerTrainingDataset, num_text_for
+
+            mapper = getattr(model, "text_mapper", None)
+            tokenizer = _tokenizer(args.tokenizer, model)
+            dataset = OneFormerTrainingDataset(
+                reader, tokenizer=tokenizer, num_text=num_text_for(model), transform=transform,
+                on_error=args.on_error, seed=config.seed, task_seq_len=model.task_encoder.task_seq_len,
+                text_seq_len=mapper.text_encoder.context_length if mapper is not None else 77)
+            _package_oneformer(model, tokenizer, dataset, size)
+        else:
+            dataset = TrainingDataset(reader, task=config.task, transform=transform, on_error=args.on_error)
         val = build_reader(args, split="val") if _has_val(args) and config.eval_every else None
         result = train(model, dataset, config=config, output_dir=args.out, val_dataset=val, resume=args.resume,
                        device=args.device, progress=not args.quiet)
@@ -209,7 +288,7 @@ def run_train(args: argparse.Namespace) -> int:
                 import torch
 
                 state = torch.load(best, map_location="cpu", weights_only=False)
-                best_model = Mask2Former.from_pretrained(out / "final")
+                best_model = from_pretrained(out / "final")
                 best_model.load_state_dict(state["model"])
                 best_model.save_pretrained(out / "best")
             print(f"trained to step {result.step}; best: {result.best}; skipped samples: {result.skipped}; "
@@ -231,6 +310,7 @@ def add_evaluate_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", default=None, help="also write the metrics to this JSON file")
+    _add_tokenizer_argument(p)
     p.set_defaults(run=run_evaluate)
     return p
 
@@ -251,9 +331,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
         args.seed = 0
         reader = build_reader(args)
     tasks = args.task or ["panoptic"]
+    tokenizer = _tokenizer(args.tokenizer, model) if getattr(model, "task_encoder", None) is not None else None
     metrics = evaluate_model(model.to(args.device), reader, tasks=tasks, device=args.device,
                              batch_size=args.batch_size, limit=args.limit, ignore_index=args.ignore_index,
-                             progress=True)
+                             progress=True, tokenizer=tokenizer)
     print(format_table({k: v for k, v in metrics.items() if not k.startswith("n")}))
     if args.json:
         Path(args.json).write_text(json.dumps({"model": args.model, "data": args.data, "tasks": tasks,

@@ -14,7 +14,8 @@ __all__ = ["TrainingConfig"]
 class TrainingConfig:
     """Defaults are the Mask2Former COCO recipe where one exists (AdamW 1e-4, weight decay 0.05, backbone
     lr x0.1, poly 0.9, full-model gradient clipping at 0.01, loss weights 2/5/5, no-object 0.1, 12544
-    points, oversampling 3, importance 0.75).
+    points, oversampling 3, importance 0.75); OneFormer's contrastive term has weight 0.5 and temperature
+    0.07, as its original configs.
 
     batch_size is per process and per micro-batch: the global batch is
     ``batch_size * grad_accumulation * world_size``.
@@ -36,6 +37,8 @@ class TrainingConfig:
     mask_weight: float = 5.0
     dice_weight: float = 5.0
     no_object_weight: float = 0.1
+    contrastive_weight: float = 0.5  # OneFormer with a text mapper: query-text contrastive term
+    contrastive_temperature: float = 0.07
     num_points: int = 12544
     oversample_ratio: float = 3.0
     importance_sample_ratio: float = 0.75
@@ -54,6 +57,8 @@ class TrainingConfig:
         for name in ("max_steps", "batch_size", "grad_accumulation", "num_points", "log_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.contrastive_temperature > 0:
+            raise ValueError(f"contrastive_temperature must be > 0, got {self.contrastive_temperature}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

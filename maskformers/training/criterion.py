@@ -220,6 +220,8 @@ class MaskFormerCriterion(nn.Module):
         and processes. The losses are then normalised by the step's totals (divided by the number of
         processes), so summing the micro-batches' losses and averaging over processes gives exactly the
         loss of the whole global batch. Without it: this batch's counts, all-reduced under torch.distributed.
+        Extra terms (means over this batch) are then weighted by the batch's share of the step's images, times
+        the number of processes (whose gradients DDP averages), so that the micro-batches add up to one mean.
         """
         predictions = predictions_of(outputs)
         if not self.use_aux:
@@ -253,8 +255,13 @@ class MaskFormerCriterion(nn.Module):
         for name, b, d in zip(names, bce, dice):
             losses["loss_mask" + name] = b / num_masks
             losses["loss_dice" + name] = d / num_masks
+        share = 1.0
+        if step_target_counts is not None and len(step_target_counts):  # extra terms are means over their batch
+            world = torch.distributed.get_world_size() if _distributed() else 1
+            share = len(targets) * world / len(step_target_counts)
         for term in self.extra_terms.values():
-            losses.update(term(outputs, targets))
+            extra = term(outputs, targets)
+            losses.update(extra if share == 1.0 else {k: v * share for k, v in extra.items()})
         return losses
 
     def _mask_losses(

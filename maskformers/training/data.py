@@ -34,9 +34,11 @@ __all__ = [
     "collate",
     "semantic_map",
     "panoptic_map",
+    "MODEL_INPUTS",
 ]
 
 TASKS = ("panoptic", "instance", "semantic")
+MODEL_INPUTS = ("task_inputs", "text_inputs")  # target entries that collate stacks and the loop gives the model
 Sample = dict[str, Any]
 
 
@@ -140,7 +142,11 @@ class TrainingDataset:
             if self.on_error == "raise":
                 raise
             return None, str(exc)
-        return sample, targets_for_task(sample, self.task, self.thing_ids)
+        return sample, self.make_target(sample, index)
+
+    def make_target(self, sample: Sample, index: int) -> dict[str, Any]:
+        """The target of an augmented sample (subclasses add model inputs, e.g. OneFormer's prompts)."""
+        return targets_for_task(sample, self.task, self.thing_ids)
 
 
 def collate(
@@ -155,7 +161,9 @@ def collate(
     Returns ``{"pixel_values": (B, 3, H, W) float32, "pixel_mask": (B, H, W) int64, "targets": [{"labels",
     "masks": (N, H, W) bool}], "samples": [...], "skipped": [reasons]}``; H, W are the largest image sides
     rounded up to ``size_divisibility``; images are padded with 0 after normalisation and target masks
-    with False (as detectron2 pads). Skipped items (None) are left out.
+    with False (as detectron2 pads). Skipped items (None) are left out. Targets with model inputs
+    (OneFormer's, see :mod:`.oneformer_data`) add ``"task_inputs"`` (B, L) and ``"text_inputs"`` (B, T, L)
+    (:data:`MODEL_INPUTS`) and ``"tasks"`` (one name per image).
     """
     kept = [(s, t) for s, t in items if s is not None]
     skipped = [t for s, t in items if s is None]
@@ -177,5 +185,14 @@ def collate(
         masks = torch.zeros(target["masks"].shape[0], H, W, dtype=torch.bool)
         masks[:, :h, :w] = target["masks"]
         targets.append({"labels": target["labels"], "masks": masks})
-    return {"pixel_values": pixel_values, "pixel_mask": pixel_mask, "targets": targets,
-            "samples": [s for s, _ in kept], "skipped": skipped}
+    batch = {"pixel_values": pixel_values, "pixel_mask": pixel_mask, "targets": targets,
+             "samples": [s for s, _ in kept], "skipped": skipped}
+    for key in MODEL_INPUTS:
+        present = [key in t for _, t in kept]
+        if any(present) and not all(present):
+            raise ValueError(f"{sum(present)} of {len(kept)} targets carry {key!r}: a batch mixes datasets")
+        if all(present):
+            batch[key] = torch.stack([t[key] for _, t in kept])
+    if all("task" in t for _, t in kept):
+        batch["tasks"] = [t["task"] for _, t in kept]
+    return batch

@@ -1,10 +1,10 @@
 """Fine-tuning on a new label set: swap the class head, keep every other weight.
 
-``replace_class_head(model, id2label)`` gives ``model.transformer_decoder.head.class_embed`` a fresh
-``Linear(hidden, K + 1)`` for the new classes (PyTorch's default init, as the original builds it),
-updates ``model.id2label``, ``model.config.num_classes`` and the head's class count, so saving and
-loading the fine-tuned model works. With ``keep_matching=True`` the rows of classes whose names exist
-in the old label set, and the "no object" row, are copied from the old head.
+``replace_class_head(model, id2label)`` gives ``model.transformer_decoder.head.class_embed`` (the same head in
+Mask2Former and OneFormer) a fresh ``Linear(hidden, K + 1)`` for the new classes (PyTorch's default init, as
+the original builds it), updates ``model.id2label``, ``model.config.num_classes`` and the head's class
+count, so saving and loading the fine-tuned model works. With ``keep_matching=True`` the rows of classes whose
+names exist in the old label set, and the "no object" row, are copied from the old head.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ __all__ = ["replace_class_head"]
 
 
 def replace_class_head(model: nn.Module, id2label: Mapping[int, str], *, keep_matching: bool = False) -> nn.Module:
-    """Re-head ``model`` (a Mask2Former) for ``id2label`` (contiguous ids 0..K-1). Returns the model."""
+    """Re-head ``model`` (a Mask2Former or a OneFormer) for ``id2label`` (contiguous ids 0..K-1). Returns the model."""
     ids = sorted(int(k) for k in id2label)
     if not ids or ids != list(range(len(ids))):
         raise ValueError(f"id2label must have contiguous ids 0..K-1, got {ids[:10]}{'...' if len(ids) > 10 else ''}")

@@ -6,6 +6,9 @@ batch and rank), augmentations are seeded per (epoch, index) and the criterion's
 index), so a run resumed from a checkpoint repeats the uninterrupted run exactly (bit for bit on one
 CPU process), and N processes compute the same update as one process with the same global batch.
 
+A OneFormer trains on a :class:`~maskformers.training.oneformer_data.OneFormerTrainingDataset`: its task (and
+text) inputs reach the model, and with a text mapper the criterion adds the contrastive term (:func:`criterion_for`).
+
 Outputs in ``output_dir``: ``log.jsonl`` (one record per logged step and per evaluation; rank 0),
 ``checkpoint-*.pt`` (see :mod:`.checkpoint`), ``best.pt`` (the model of the best evaluation),
 TensorBoard events when ``tensorboard`` is installed. A tqdm progress bar shows loss, lr and images/s.
@@ -28,12 +31,12 @@ from torch import nn
 from . import checkpoint as ckpt
 from .config import TrainingConfig
 from .criterion import MaskFormerCriterion, _mix
-from .data import collate
+from .data import MODEL_INPUTS, collate
 from .distributed import DistInfo, all_reduce_mean, barrier, setup
 from .matcher import HungarianMatcher
 from .optim import build_optimizer, build_scheduler
 
-__all__ = ["train", "TrainResult", "build_criterion", "batch_indices", "MAIN_METRIC"]
+__all__ = ["train", "TrainResult", "build_criterion", "criterion_for", "batch_indices", "MAIN_METRIC"]
 
 MAIN_METRIC = {"panoptic": "PQ", "semantic": "mIoU", "instance": "AP"}
 
@@ -44,6 +47,18 @@ class TrainResult:
     losses: list[dict[str, float]] = field(default_factory=list)  # logged records of this call
     best: dict[str, Any] | None = None
     skipped: int = 0
+
+
+def criterion_for(model: nn.Module, config: TrainingConfig) -> MaskFormerCriterion:
+    """The criterion of ``model``: Mask2Former's losses, plus OneFormer's contrastive term (weight
+    ``config.contrastive_weight``, temperature ``config.contrastive_temperature``) when it has a text mapper."""
+    if getattr(model, "text_mapper", None) is None:
+        return build_criterion(config, num_classes=model.num_classes)
+    from .contrastive import ContrastiveLoss
+
+    return build_criterion(config, num_classes=model.num_classes,
+                           extra_terms={"contrastive": ContrastiveLoss(temperature=config.contrastive_temperature)},
+                           extra_weights={"loss_contrastive": config.contrastive_weight})
 
 
 def build_criterion(config: TrainingConfig, num_classes: int, extra_terms: dict[str, nn.Module] | None = None,
@@ -144,9 +159,15 @@ def train(
     if out is not None and info.is_main:
         out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
+    check = getattr(dataset, "check_model", None)
+    if check is not None:
+        check(model)
+    elif getattr(model, "task_encoder", None) is not None:
+        raise ValueError("a OneFormer trains on a OneFormerTrainingDataset (maskformers.training.oneformer_data), "
+                         f"which gives its task and text inputs; got a {type(dataset).__name__}")
     model = model.to(info.device)
     if criterion is None:
-        criterion = build_criterion(config, num_classes=model.num_classes)
+        criterion = criterion_for(model, config)
     criterion = criterion.to(info.device)
     optimizer = build_optimizer(model, lr=config.lr, weight_decay=config.weight_decay,
                                 backbone_lr_multiplier=config.backbone_lr_multiplier, extra_modules=[criterion])
@@ -209,6 +230,7 @@ def train(
                 images += len(batch["targets"])
                 for k, v in parts.items():  # each micro-batch holds its share of the step's normalised loss
                     terms[k] = terms.get(k, 0.0) + v
+            _average_criterion_grads(criterion, info.world_size)
             if scaler is not None:
                 scaler.unscale_(optimizer)
             params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -244,7 +266,8 @@ def train(
                 bar.update(1)
 
             if val_dataset is not None and config.eval_every and (step % config.eval_every == 0 or step == last_steps):
-                metrics = _evaluate(model, val_dataset, config.task, info, evaluate_fn)
+                metrics = _evaluate(model, val_dataset, config.task, info, evaluate_fn,
+                                    tokenizer=getattr(dataset, "tokenizer", None))
                 if info.is_main:
                     main = metrics.get(MAIN_METRIC[config.task])
                     log.write({"step": step, "eval": metrics})
@@ -284,9 +307,9 @@ class _EpochIndexed(torch.utils.data.Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[int, Any]:
         epoch, index = key
-        transform = getattr(self.dataset, "transform", None)
-        if hasattr(transform, "set_epoch"):
-            transform.set_epoch(epoch)
+        for part in (self.dataset, getattr(self.dataset, "transform", None)):  # task draws, augmentation
+            if hasattr(part, "set_epoch"):
+                part.set_epoch(epoch)
         return index, self.dataset[index]
 
 
@@ -302,15 +325,24 @@ def _step_target_counts(batches: list[dict[str, Any]]) -> list[int]:
     return [c for part in gathered for c in part]
 
 
+def _average_criterion_grads(criterion: nn.Module, world_size: int) -> None:
+    """Average the gradients of the criterion's parameters (OneFormer's logit scale) over processes, as DDP does
+    for the model's: they are outside DDP, and each process would otherwise step its own copy apart."""
+    if world_size > 1:
+        for p in criterion.parameters():
+            p.grad = all_reduce_mean(p.grad if p.grad is not None else torch.zeros_like(p))
+
+
 def _micro_step(model, criterion, batch, keys, counts, device, autocast_dtype):
     """(total loss, {"loss": float, each term (summed over auxiliary levels): float}) of one micro-batch."""
     if not batch["targets"]:  # every sample skipped: a zero loss that still touches every parameter (DDP)
         loss = sum(p.sum() for p in model.parameters()) * 0.0
         return loss, {"loss": 0.0}
     pixel_values = batch["pixel_values"].to(device, non_blocking=True)
+    inputs = {k: batch[k].to(device, non_blocking=True) for k in MODEL_INPUTS if k in batch}  # OneFormer's prompts
     targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in batch["targets"]]
     with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-        outputs = model(pixel_values)
+        outputs = model(pixel_values, **inputs)
     losses = criterion(outputs, targets, image_keys=keys, step_target_counts=counts)
     total = criterion.total(losses)
     if not math.isfinite(float(total.detach())):
@@ -323,14 +355,15 @@ def _micro_step(model, criterion, batch, keys, counts, device, autocast_dtype):
     return total, parts
 
 
-def _evaluate(model, dataset, task, info, evaluate_fn):
+def _evaluate(model, dataset, task, info, evaluate_fn, tokenizer=None):
     module = model.module if hasattr(model, "module") else model
     if evaluate_fn is None:
         from ..evaluation.evaluate import evaluate_model as evaluate_fn
+    extra = {} if tokenizer is None else {"tokenizer": tokenizer}  # OneFormer's task prompts
     was_training = module.training
     module.eval()
     try:
-        metrics = evaluate_fn(module, dataset, task=task, device=info.device) if info.is_main else {}
+        metrics = evaluate_fn(module, dataset, task=task, device=info.device, **extra) if info.is_main else {}
     finally:
         module.train(was_training)
     barrier()
