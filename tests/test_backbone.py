@@ -319,7 +319,7 @@ def test_d2_resnet_converts_detects_and_matches():
     assert d2_backbone.detect_d2_backbone(deep) == ("resnet", {"depth": 101})
     with pytest.raises(ConversionError, match="conv1.bias"):
         apply_rules(dict(d2, **{"backbone.res2.0.conv1.bias": torch.zeros(64)}), d2_backbone.resnet_rules())
-    with pytest.raises(ConversionError, match="no Swin, ResNet or ConvNeXt"):
+    with pytest.raises(ConversionError, match="no Swin, ResNet, ConvNeXt or DiNAT"):
         d2_backbone.detect_d2_backbone({"backbone.stages.0.weight": torch.zeros(1)})
 
 
@@ -349,7 +349,7 @@ def test_hf_config_builder():
     assert isinstance(resnet, ResNetBackbone) and len(resnet.layer3) == 6
 
     base = transformers.SwinConfig(out_features=ALL_STAGES).to_dict()
-    for change, match in [({"model_type": "dinat"}, "model_type='dinat'"),
+    for change, match in [({"model_type": "vit"}, "model_type='vit'"),
                           ({"use_absolute_embeddings": True}, "use_absolute_embeddings"),
                           ({"layer_norm_eps": 1e-6}, "layer_norm_eps"),
                           ({"out_features": ["stage2", "stage3", "stage4"]}, "out_features")]:
