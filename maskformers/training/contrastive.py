@@ -21,15 +21,37 @@ from torch import nn
 __all__ = ["ContrastiveLoss", "contrastive_loss"]
 
 
+class _AllGather(torch.autograd.Function):
+    """Differentiable all-gather of equally shaped (B, D) tensors along dim 0: the backward sums every
+    process's gradient for the gathered tensor and keeps this process's rows (the gradient of this rank's
+    input in the sum of all ranks' losses; DDP then averages it like the other gradients). Written here
+    because torch's differentiable gathers are deprecated or private."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        ctx.rank, ctx.rows = dist.get_rank(), x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())  # the list form: gloo (CPU) has it everywhere
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
+
+
 def _gather(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """(B, D) -> (world * B, D) with gradients flowing back to this rank's slice, and this rank's offset."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x, 0
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(x.contiguous()), dim=0), dist.get_rank() * x.shape[0]
+    return _AllGather.apply(x), dist.get_rank() * x.shape[0]
 
 
 def contrastive_loss(
