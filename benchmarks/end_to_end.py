@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from machine import cpu_model
 from peak_memory import PeakRSS
 
 os.environ.setdefault("MASKFORMERS_STRICT_OPS", "1")
@@ -251,12 +252,6 @@ def print_row(row, header: bool, memory: bool) -> None:
         line += f" {row['transformers_peak_mb']:.0f} | {row['maskformers_peak_mb']:.0f} |"
     print(line, flush=True)
 
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

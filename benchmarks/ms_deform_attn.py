@@ -28,6 +28,7 @@ import torch
 os.environ["MASKFORMERS_STRICT_OPS"] = "1"
 
 from maskformers.ops import ms_deform_attn  # noqa: E402
+from machine import cpu_model  # noqa: E402
 from peak_memory import PeakRSS  # noqa: E402
 
 HEADS, HEAD_DIM, POINTS, STRIDES = 8, 32, 4, (8, 16, 32)
@@ -130,15 +131,6 @@ def _peak_in_this_process(image, batch, dtype_name, impl, device) -> dict[str, f
             result[mode] = peak.mb
     return result
 
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv=None) -> int:

@@ -33,6 +33,7 @@ import torch
 os.environ["MASKFORMERS_STRICT_OPS"] = "1"
 
 from maskformers.ops import neighborhood_attention_2d  # noqa: E402
+from machine import cpu_model  # noqa: E402
 from peak_memory import PeakRSS  # noqa: E402
 
 KERNEL, HEAD_DIM = 11, 32
@@ -125,15 +126,6 @@ def _peak_in_this_process(shape, heads, dilation, dtype_name, impl, mode, device
         run_once(impl, mode, inputs, dilation, grad_out)
     return peak.mb
 
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def print_row(row, header: bool) -> None:

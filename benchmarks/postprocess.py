@@ -37,6 +37,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
+from machine import cpu_model  # noqa: E402
 from peak_memory import PeakRSS  # noqa: E402
 
 TASKS = ("semantic", "instance", "panoptic")
@@ -183,14 +184,15 @@ def main(argv=None) -> int:
 
     meta = {
         "target": list(target), "repeats": repeats, "torch": torch.__version__,
-        "transformers": transformers.__version__, "threads": torch.get_num_threads(),
+        "transformers": transformers.__version__, "threads": torch.get_num_threads(), "cpu_model": cpu_model(),
         "python": platform.python_version(), "baseline_rev": args.baseline_rev,
         "setups": {m: {"input": list(s[0]), "queries": s[1], "classes": s[2]} for m, s in SETUPS.items()},
     }
     out = args.out or HERE / "results" / f"postprocess{'-quick' if args.quick else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    print(f"\nJSON: {out}")
+    print(f"\n{meta['cpu_model']}, {meta['threads']} threads, torch {meta['torch']}, transformers "
+          f"{meta['transformers']}; median of {repeats}. JSON: {out}")
     return 0
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import cpu_model  # noqa: E402
 from peak_memory import PeakRSS  # noqa: E402
 
 LIBRARIES = ("transformers", "maskformers")
@@ -138,7 +139,8 @@ def time_matcher(repeats: int, device: torch.device, queries: int = 100, targets
              "masks": (torch.rand(targets, 384, 384, generator=g) > 0.7).to(device)} for _ in range(images)]
     ours, theirs = HungarianMatcher(), Mask2FormerHungarianMatcher(cost_class=2.0, cost_mask=5.0, cost_dice=5.0)
     hf_masks, hf_labels = [t["masks"].float() for t in tgts], [t["labels"] for t in tgts]
-    runs = {"maskformers": lambda: ours(cls, masks, tgts),
+    float_tgts = [{"labels": t["labels"], "masks": m} for t, m in zip(tgts, hf_masks)]  # the same float32 masks
+    runs = {"maskformers": lambda: ours(cls, masks, float_tgts),
             "transformers": lambda: theirs(masks, cls, hf_masks, hf_labels)}
     out = {}
     for name, fn in runs.items():
@@ -161,6 +163,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
+                        help="fp32, and bf16 autocast (emulated, so slow, on CPUs without AVX-512 BF16 or AMX)")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -172,7 +176,7 @@ def main(argv=None) -> int:
         folder = Path(tmp)
         write_checkpoint(folder, args.quick)
         data = make_batch(image, args.batch)
-        for amp in (False, True):
+        for amp in [precision == "bf16" for precision in args.precisions]:
             steps = {lib: Step(lib, folder, device, args.quick) for lib in LIBRARIES}
             times = {lib: [] for lib in LIBRARIES}
             losses = {lib: steps[lib](data, amp) for lib in LIBRARIES}  # warm-up; first losses agree in law only
@@ -205,12 +209,13 @@ def main(argv=None) -> int:
     import transformers
 
     meta = {"torch": torch.__version__, "transformers": transformers.__version__, "device": str(device),
-            "threads": torch.get_num_threads(), "python": platform.python_version(), "repeats": repeats,
+            "cpu_model": cpu_model(), "threads": torch.get_num_threads(), "python": platform.python_version(), "repeats": repeats,
             "quick": args.quick, "config": "tiny test model" if args.quick else "swin-tiny Mask2Former, 100 queries"}
     out = args.out or Path(__file__).parent / "results" / f"train_step{'-quick' if args.quick else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "rows": rows, "matcher_s_per_image": matcher}, indent=2))
-    print(f"JSON: {out}")
+    print(f"\n{meta['cpu_model']}, {meta['threads']} threads, torch {meta['torch']}, transformers "
+          f"{meta['transformers']}; median of {repeats}. JSON: {out}")
     return 0
 
 

@@ -49,14 +49,11 @@ def sample_target_masks(
     B, P, _ = points.shape
     counts = [int(t["labels"].numel()) for t in targets]
     out = points.new_zeros((B, max(counts, default=0), P), dtype=dtype)
-    nonempty = [i for i in range(B) if counts[i]]
-    if not nonempty:
-        return out
-    masks = torch.cat([targets[i]["masks"] for i in nonempty]).to(device=points.device, dtype=dtype)  # (T, H, W)
-    owner = torch.cat([torch.full((counts[i],), i, device=points.device) for i in nonempty])
-    sampled = point_sample(masks[:, None], points[owner].to(dtype))[:, 0]  # (T, P)
-    slot = torch.cat([torch.arange(counts[i], device=points.device) for i in nonempty])
-    out[owner, slot] = sampled
+    for i in range(B):  # image by image: no concatenated copy of every full-resolution mask of the batch
+        if counts[i]:
+            masks = targets[i]["masks"].to(device=points.device, dtype=dtype)[:, None]  # (T_i, 1, H, W)
+            grid = points[i].to(dtype).expand(counts[i], P, 2)
+            out[i, : counts[i]] = point_sample(masks, grid)[:, 0]
     return out
 
 
@@ -153,10 +150,11 @@ class HungarianMatcher:
             t = sampled_targets.to(dtype)  # (B, T, P)
             num_points = x.shape[-1]
             # BCE(x, t) summed over points = sum softplus(x) - x . t  (BCE(x,1) - BCE(x,0) = -x)
-            cross = torch.bmm(torch.cat([x, x.sigmoid()], dim=1), t.transpose(1, 2))  # (B, 2Q, T)
-            cost_mask = (F.softplus(x).sum(-1, keepdim=True) - cross[:, :Q]) / num_points
-            s_sum = x.sigmoid().sum(-1)[:, :, None]
-            cost_dice = 1 - (2 * cross[:, Q:] + 1) / (s_sum + t.sum(-1)[:, None, :] + 1)
+            t_columns = t.transpose(1, 2)  # (B, P, T)
+            cost_mask = (F.softplus(x).sum(-1, keepdim=True) - torch.bmm(x, t_columns)) / num_points
+            s = x.sigmoid()
+            overlap = torch.bmm(s, t_columns)  # (B, Q, T)
+            cost_dice = 1 - (2 * overlap + 1) / (s.sum(-1)[:, :, None] + t.sum(-1)[:, None, :] + 1)
             return self.cost_mask * cost_mask + self.cost_class * cost_class + self.cost_dice * cost_dice
 
     def __call__(
