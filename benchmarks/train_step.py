@@ -98,7 +98,7 @@ class Step:
         self.optimizer.zero_grad(set_to_none=True)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-        return float(loss)
+        return float(loss.detach())
 
 
 def peak_in_this_process(library: str, folder: str, image: int, batch: int, amp: bool, device: str,
