@@ -8,13 +8,18 @@ dtype; thread-count independence; the C++ argument checks of direct calls; the C
 
 from __future__ import annotations
 
-import os
 import shutil
 
 import pytest
 import torch
+from toolchain_helpers import cuda_build_skip_reason
 
-from maskformers.ops import build, neighborhood_attention_2d, neighborhood_attention_2d_reference, toolchain
+from maskformers.ops import (
+    build,
+    neighborhood_attention_2d,
+    neighborhood_attention_2d_reference,
+    toolchain,
+)
 
 OP = "neighborhood_attention"
 
@@ -173,17 +178,7 @@ def test_direct_call_checks_backward_inputs(ext):
         ext.backward(q, k, v, rpb, lse.float(), grad, K, d, 0.5)
 
 
-def _cuda_build_skip_reason() -> str:
-    if not torch.version.cuda:
-        return "torch is a CPU-only build"
-    if shutil.which("nvcc") is None and not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")):
-        return "no nvcc on PATH and no CUDA_HOME"
-    if toolchain.cxx_compiler() is None or toolchain.ninja_path() is None:
-        return "no C++ compiler or ninja"
-    return ""
-
-
-@pytest.mark.skipif(bool(_cuda_build_skip_reason()), reason=_cuda_build_skip_reason() or "ok")
+@pytest.mark.skipif(bool(cuda_build_skip_reason()), reason=cuda_build_skip_reason() or "ok")
 def test_cuda_extension_compiles_and_imports(monkeypatch):
     monkeypatch.setattr(build, "_loaded", {})
     monkeypatch.setattr(build, "_failed", {})

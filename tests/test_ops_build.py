@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from toolchain_helpers import cuda_build_skip_reason
 
 from maskformers import info
 from maskformers.ops import build, toolchain
@@ -283,19 +284,7 @@ def test_wheel_ships_the_sources(tmp_path):
 # ----------------------------------------------------------------------------------------------
 
 
-def _cuda_build_skip_reason() -> str:
-    # Skip only where there is no CUDA toolkit to look for. Where nvcc is on PATH or CUDA_HOME is set
-    # (CI), the test runs, so a regression in toolkit discovery fails it instead of skipping it.
-    if not torch.version.cuda:
-        return "torch is a CPU-only build"
-    if shutil.which("nvcc") is None and not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")):
-        return "no nvcc on PATH and no CUDA_HOME"
-    if toolchain.cxx_compiler() is None or toolchain.ninja_path() is None:
-        return "no C++ compiler or ninja"
-    return ""
-
-
-@pytest.mark.skipif(bool(_cuda_build_skip_reason()), reason=_cuda_build_skip_reason() or "ok")
+@pytest.mark.skipif(bool(cuda_build_skip_reason()), reason=cuda_build_skip_reason() or "ok")
 def test_cuda_extension_compiles_and_imports(monkeypatch, fresh_build_state):
     root, how = toolchain.find_cuda_home()
     assert root is not None, f"nvcc is present but the CUDA toolkit was not found: {how}"
