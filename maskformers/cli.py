@@ -4,7 +4,7 @@
     maskformers convert SRC DST [--force] [--config JSON]
     maskformers info [--build]
     maskformers build-ops [--device auto|cpu|cuda|all] [--op NAME|all] [--rebuild]
-    maskformers train / evaluate / demo     (see maskformers.training.commands)
+    maskformers train / evaluate / demo     (see maskformers.training.cli_train, cli_evaluate)
 """
 
 from __future__ import annotations
@@ -82,7 +82,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--rebuild", action="store_true", help="delete the cached builds first and compile again")
     p.set_defaults(run=_build_ops)
 
-    from .training.commands import add_demo_parser, add_evaluate_parser, add_train_parser
+    from .training.cli_evaluate import add_demo_parser, add_evaluate_parser
+    from .training.cli_train import add_train_parser
 
     add_train_parser(sub)
     add_evaluate_parser(sub)

@@ -1,0 +1,156 @@
+"""Options and loaders shared by ``maskformers train``, ``evaluate`` and ``check-data``: the data options and the
+sample reader they describe, the model a command starts from, a OneFormer's CLIP tokenizer."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+__all__ = ["DATA_KINDS", "add_data_arguments", "add_common_data", "add_tokenizer_argument", "build_reader", "has_val",
+           "load_model", "load_tokenizer"]
+
+DATA_KINDS = ("synthetic", "coco-panoptic", "coco-instance", "semantic-folder", "hf")
+
+
+def add_data_arguments(p: argparse.ArgumentParser, prefix: str = "") -> None:
+    p.add_argument(f"--{prefix}images", help="image folder (COCO, semantic folders)")
+    p.add_argument(f"--{prefix}annotations", help="COCO JSON (panoptic or instances)")
+    p.add_argument(f"--{prefix}panoptic-dir", help="COCO panoptic PNG folder")
+    p.add_argument(f"--{prefix}labels", help="label PNG folder (semantic folders)")
+
+
+def add_common_data(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", choices=DATA_KINDS, default="synthetic", help="dataset format (default: synthetic)")
+    add_data_arguments(p)
+    p.add_argument("--id2label", help="JSON file {id: name} (semantic folders, HF datasets)")
+    p.add_argument("--ignore-index", type=int, default=255)
+    p.add_argument("--reduce-labels", action="store_true", help="ADE20K: 0 -> ignore, other ids - 1")
+    p.add_argument("--hf-name", help="Hugging Face dataset name (needs `pip install datasets`)")
+    p.add_argument("--hf-split", default="train")
+    p.add_argument("--hf-annotation", choices=["semantic", "instance"], default="semantic")
+    p.add_argument("--image-column", default="image")
+    p.add_argument("--annotation-column", default="annotation")
+    p.add_argument("--scenes", type=int, default=None, help="synthetic: number of scenes")
+    p.add_argument("--size", type=int, default=None, help="synthetic scene size / training crop size")
+
+
+def build_reader(args: argparse.Namespace, *, split: str = "train") -> Any:
+    """The sample reader described by the command-line arguments (``split`` "val" reads --val-* paths)."""
+    from .synthetic import SyntheticScenes
+
+    def arg(name: str) -> Any:
+        value = getattr(args, f"val_{name}", None) if split == "val" else None
+        return value if value is not None else getattr(args, name, None)
+
+    kind = args.data
+    if kind == "synthetic":
+        from .builtin import BUILTIN_IMAGE_SIZE, BUILTIN_VAL_SEED
+
+        size = args.size or BUILTIN_IMAGE_SIZE
+        if split == "val":
+            return SyntheticScenes(args.val_scenes, size=size, seed=BUILTIN_VAL_SEED)
+        return SyntheticScenes(args.scenes or 100_000, size=size, seed=args.seed)
+    if kind in ("coco-panoptic", "coco-instance"):
+        from .readers_coco import CocoInstances, CocoPanoptic
+
+        if not arg("images") or not arg("annotations"):
+            raise SystemExit(f"--data {kind} needs --images and --annotations")
+        if kind == "coco-instance":
+            return CocoInstances(arg("images"), arg("annotations"))
+        if not arg("panoptic_dir"):
+            raise SystemExit("--data coco-panoptic needs --panoptic-dir")
+        return CocoPanoptic(arg("images"), arg("panoptic_dir"), arg("annotations"))
+    if not args.id2label:
+        raise SystemExit(f"--data {kind} needs --id2label FILE (JSON {{id: name}})")
+    id2label = {int(k): v for k, v in json.loads(Path(args.id2label).read_text()).items()}
+    if kind == "semantic-folder":
+        from .readers_semantic import SemanticFolder
+
+        if not arg("images") or not arg("labels"):
+            raise SystemExit("--data semantic-folder needs --images and --labels")
+        return SemanticFolder(arg("images"), arg("labels"), id2label=id2label, ignore_index=args.ignore_index,
+                              reduce_labels=args.reduce_labels)
+    from .readers_semantic import HFSegmentationDataset, load_hf_dataset
+
+    if not args.hf_name:
+        raise SystemExit("--data hf needs --hf-name")
+    hf_split = getattr(args, "val_split", None) if split == "val" else args.hf_split
+    return HFSegmentationDataset(load_hf_dataset(args.hf_name, hf_split), id2label=id2label,
+                                 image_column=args.image_column, annotation_column=args.annotation_column,
+                                 annotation=args.hf_annotation, ignore_index=args.ignore_index,
+                                 reduce_labels=args.reduce_labels)
+
+
+def has_val(args: argparse.Namespace) -> bool:
+    if args.data == "synthetic":
+        return args.val_scenes > 0
+    if args.data == "hf":
+        return bool(args.val_split)
+    return bool(args.val_images)
+
+
+def add_tokenizer_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tokenizer", default=None, metavar="PATH",
+                   help="OneFormer: CLIP tokenizer folder (vocab.json + merges.txt) or bpe_simple_vocab_16e6.txt.gz "
+                        "(default: the checkpoint folder's)")
+
+
+def load_model(spec: str | None, seed: int = 0) -> Any:
+    """The built-in architecture, a new model from a config JSON (``"model_type": "oneformer"`` or OneFormer
+    fields make a OneFormer, else a Mask2Former), or a checkpoint (either model, read from it)."""
+    from .builtin import build_builtin_model
+
+    if spec in (None, "builtin"):
+        return build_builtin_model(seed)
+    path = Path(spec)
+    if path.suffix == ".json" and path.is_file():
+        import torch
+
+        from ..models.mask2former import Mask2FormerConfig, build_mask2former
+        from ..models.oneformer import OneFormerConfig, build_oneformer
+
+        fields = json.loads(path.read_text())
+        if isinstance(fields.get("config"), dict):  # a saved maskformers_config.json
+            fields = {"model_type": fields.get("model_type"), **fields["config"]}
+        model_type = fields.pop("model_type", None)
+        if model_type is None:
+            own = {f.name for f in dataclasses.fields(OneFormerConfig)} - {f.name for f in
+                                                                           dataclasses.fields(Mask2FormerConfig)}
+            model_type = "oneformer" if own & set(fields) else "mask2former"
+        if model_type not in ("mask2former", "oneformer"):
+            raise SystemExit(f"{path}: model_type must be 'mask2former' or 'oneformer', got {model_type!r}")
+        torch.manual_seed(seed)
+        if model_type == "oneformer":
+            return build_oneformer(OneFormerConfig.from_dict(fields))
+        return build_mask2former(Mask2FormerConfig.from_dict(fields))
+    from ..hub import from_pretrained
+
+    return from_pretrained(spec)
+
+
+def load_tokenizer(spec: str | None, model: Any) -> Any:
+    """A OneFormer's CLIP tokenizer: ``--tokenizer`` (folder or BPE merge file), else its checkpoint folder's."""
+    from ..processing.clip_tokenizer import CLIPTokenizer
+
+    if spec is not None:
+        path = Path(spec)
+        if path.is_dir():
+            return CLIPTokenizer.from_pretrained(path)
+        if path.is_file():
+            return CLIPTokenizer.from_bpe_file(path)
+        raise SystemExit(f"--tokenizer {spec}: no such folder or file")
+    folder = getattr(model, "source_folder", None)
+    if folder is not None:
+        try:
+            return CLIPTokenizer.from_pretrained(folder)
+        except FileNotFoundError:
+            pass
+    where = "" if folder is None else f"; {folder} has none"
+    raise SystemExit("a OneFormer needs its CLIP tokenizer: pass --tokenizer FOLDER (vocab.json + merges.txt, e.g. "
+                     "a OneFormer hub checkpoint) or --tokenizer bpe_simple_vocab_16e6.txt.gz (CLIP's merge list, "
+                     f"shipped by open_clip and the original OneFormer){where}")
+
+
