@@ -128,6 +128,12 @@ def decode_coco_segmentation(segmentation: Any, height: int, width: int) -> np.n
     except ImportError as exc:
         raise ImportError("reading COCO instance masks needs pycocotools: pip install pycocotools") from exc
     if isinstance(segmentation, list):  # polygons [[x0, y0, x1, y1, ...], ...]
+        if not segmentation:
+            raise ValueError("empty polygon list")
+        short = [p for p in segmentation if not isinstance(p, list) or len(p) < 6 or len(p) % 2]
+        if short:
+            raise ValueError(f"a polygon needs an even number of coordinates, at least 3 points (6 numbers); got "
+                             f"{str(short[0])[:60]}")
         rles = mask_utils.frPyObjects(segmentation, height, width)
         rle = mask_utils.merge(rles)
     elif isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), list):
