@@ -47,15 +47,18 @@ class BuiltinModelMissing(FileNotFoundError):
     """The built-in weights are not in this installation."""
 
 
-def build_builtin_model(seed: int = 0):
-    """A randomly initialised built-in architecture (initialised as in the original repositories)."""
+def build_builtin_model(seed: int = 0, id2label: dict[int, str] | None = None):
+    """A randomly initialised built-in architecture (initialised as in the original repositories, seeded by
+    ``seed``) for ``id2label`` (default: the synthetic scenes' 8 classes)."""
     import torch
 
     from ..models.mask2former import Mask2FormerConfig, build_mask2former
     from .synthetic import SYNTHETIC_CLASSES
 
+    id2label = dict(enumerate(SYNTHETIC_CLASSES)) if id2label is None else dict(id2label)
+    config = Mask2FormerConfig.from_dict({**BUILTIN_MODEL_CONFIG, "num_classes": len(id2label)})
     torch.manual_seed(seed)
-    return build_mask2former(Mask2FormerConfig.from_dict(BUILTIN_MODEL_CONFIG), id2label=dict(enumerate(SYNTHETIC_CLASSES)))
+    return build_mask2former(config, id2label=id2label)
 
 
 def load_builtin_model():

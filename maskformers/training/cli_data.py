@@ -144,22 +144,21 @@ def new_model(spec: str, *, id2label: dict[int, str], seed: int = 0) -> Any:
 
     from ..models.mask2former import Mask2FormerConfig, build_mask2former
     from ..models.oneformer import OneFormerConfig, build_oneformer
-    from .builtin import BUILTIN_MODEL_CONFIG
+    from .builtin import build_builtin_model
 
     if spec == "builtin":
-        fields: dict[str, Any] = {"model_type": "mask2former", **BUILTIN_MODEL_CONFIG}
-    else:
-        path = Path(spec)
-        if not path.is_file():
-            raise SystemExit(f"--from-scratch {spec}: no such file (expected 'builtin' or a model config JSON)")
-        try:
-            fields = json.loads(path.read_text())
-        except ValueError as exc:
-            raise SystemExit(f"--from-scratch {spec}: not valid JSON ({exc})") from None
-        if not isinstance(fields, dict):
-            raise SystemExit(f"--from-scratch {spec}: expected a JSON object of model config fields")
-        if isinstance(fields.get("config"), dict):  # a saved maskformers_config.json
-            fields = {"model_type": fields.get("model_type"), **fields["config"]}
+        return build_builtin_model(seed, id2label)
+    path = Path(spec)
+    if not path.is_file():
+        raise SystemExit(f"--from-scratch {spec}: no such file (expected 'builtin' or a model config JSON)")
+    try:
+        fields = json.loads(path.read_text())
+    except ValueError as exc:
+        raise SystemExit(f"--from-scratch {spec}: not valid JSON ({exc})") from None
+    if not isinstance(fields, dict):
+        raise SystemExit(f"--from-scratch {spec}: expected a JSON object of model config fields")
+    if isinstance(fields.get("config"), dict):  # a saved maskformers_config.json
+        fields = {"model_type": fields.get("model_type"), **fields["config"]}
     fields = dict(fields)
     model_type = fields.pop("model_type", None)
     if model_type is None:
