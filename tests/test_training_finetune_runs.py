@@ -10,7 +10,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from finetune_helpers import TINY, write_coco_instances, write_coco_panoptic, write_id2label, write_semantic_folder
+from finetune_helpers import SEMANTIC_CLASSES, TINY, write_coco_instances, write_coco_panoptic, write_id2label, write_semantic_folder
 
 from maskformers import cli
 from maskformers.training import builtin
@@ -26,7 +26,11 @@ def semantic(tmp_path_factory):
     write_semantic_folder(root / "images" / "train", root / "labels" / "train", n=8, size=SEMANTIC_SIZE)
     write_semantic_folder(root / "images" / "val", root / "labels" / "val", n=3, size=SEMANTIC_SIZE, seed=99)
     write_id2label(root / "id2label.json")
-    (root / "tiny.json").write_text(json.dumps(TINY))
+    from maskformers.models.mask2former import Mask2FormerConfig, build_mask2former
+
+    torch.manual_seed(0)  # a small trained-model folder of the data's own classes: no new head
+    build_mask2former(Mask2FormerConfig.from_dict({**TINY, "num_classes": 5}),
+                      id2label=dict(enumerate(SEMANTIC_CLASSES))).save_pretrained(root / "tiny-model")
     return root
 
 
@@ -87,7 +91,7 @@ def test_skipped_samples_are_listed_and_a_high_skip_rate_stops_the_run(semantic,
     bad = data / "images" / "train" / "scene-3.jpg"
     bad.write_bytes(bad.read_bytes()[:200])  # a truncated JPEG
     args = ["--data", "semantic-folder", "--images", data / "images" / "train", "--labels", data / "labels" / "train",
-            "--id2label", semantic / "id2label.json", "--from-scratch", semantic / "tiny.json", "--on-error", "skip"]
+            "--id2label", semantic / "id2label.json", "--model", semantic / "tiny-model", "--on-error", "skip"]
     rc, err = _train(capsys, *args, *FAST, "--steps", "8", "--max-skip-rate", "0.2", "--out", tmp_path / "ok")
     assert rc == 0, err
     skipped = [s for r in map(json.loads, (tmp_path / "ok" / "log.jsonl").read_text().splitlines())
@@ -159,8 +163,8 @@ def test_saved_models_carry_their_preprocessing_and_segment_matches_evaluate(coc
 # ---------------------------------------------------------------------------------------------- item 5
 def test_same_seed_gives_bit_identical_runs(semantic, tmp_path, capsys):
     runs = {}
-    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
-        rc, err = _train(capsys, "--model", "builtin", *_data(semantic), *FAST, "--seed", seed,
+    for name, seed in (("a", 3), ("b", 3), ("c", 4)):  # from a checkpoint folder, with other classes than the data's
+        rc, err = _train(capsys, "--model", builtin.builtin_model_dir(), *_data(semantic), *FAST, "--seed", seed,
                          "--out", tmp_path / name)
         assert rc == 0, err
         assert "new class head for 5 classes (was 8" in err
@@ -175,7 +179,7 @@ def test_same_seed_gives_bit_identical_runs(semantic, tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------- item 6
 def test_output_folder_holds_one_run(semantic, tmp_path, capsys):
     out = tmp_path / "run"
-    base = ["--from-scratch", semantic / "tiny.json", *_data(semantic, val=True), *FAST, "--out", out]
+    base = ["--model", semantic / "tiny-model", *_data(semantic, val=True), *FAST, "--out", out]
     rc, err = _train(capsys, *base, "--steps", "6", "--checkpoint-every", "2")
     assert rc == 0, err
     first_log = (out / "log.jsonl").read_text()
@@ -226,11 +230,11 @@ def test_resume_needs_only_out_and_restores_the_settings(semantic, tmp_path, cap
 
 # ---------------------------------------------------------------------------------------------- item 9
 def test_defaults_come_from_the_data_and_help_shows_them(semantic, coco, tmp_path, capsys):
-    rc, err = _train(capsys, "--from-scratch", semantic / "tiny.json", *_data(semantic), *FAST, "--out",
+    rc, err = _train(capsys, "--model", semantic / "tiny-model", *_data(semantic), *FAST, "--out",
                      tmp_path / "sem")
     assert rc == 0, err
     assert "settings: task semantic, 2 steps, batch 2, crop 96 (images typically 72x96)" in err
-    rc, err = _train(capsys, "--from-scratch", semantic / "tiny.json", "--data", "coco-panoptic",
+    rc, err = _train(capsys, "--model", semantic / "tiny-model", "--data", "coco-panoptic",
                      *_coco(coco, "train"), *FAST, "--out", tmp_path / "pan")
     assert rc == 0, err
     assert "settings: task panoptic, 2 steps, batch 2, crop 128 (images typically 96x128)" in err
@@ -279,7 +283,7 @@ def test_model_builtin_is_the_shipped_model_and_from_scratch_is_explicit(tmp_pat
 
 # ---------------------------------------------------------------------------------------------- item 11
 def test_input_errors_are_one_line_with_exit_code_2(semantic, tmp_path, capsys):
-    start = ["--from-scratch", semantic / "tiny.json"]
+    start = ["--model", semantic / "tiny-model"]
 
     def one_line(rc, err, *needles):
         assert rc == 2, err
@@ -328,10 +332,10 @@ def test_input_errors_are_one_line_with_exit_code_2(semantic, tmp_path, capsys):
     assert rc == 0, err
 
 
-def test_empty_polygon_list_is_a_bad_sample(tmp_path, capsys):
+def test_empty_polygon_list_is_a_bad_sample(semantic, tmp_path, capsys):
     def args(name, bad):
         write_coco_instances(tmp_path / name, tmp_path / f"{name}.json", n=8, empty_polygon_in=bad)
-        return ["--from-scratch", "builtin", "--data", "coco-instance", "--images", tmp_path / name, "--annotations",
+        return ["--model", semantic / "tiny-model", "--data", "coco-instance", "--images", tmp_path / name, "--annotations",
                 tmp_path / f"{name}.json", "--task", "instance", *FAST]
 
     rc, err = _train(capsys, *args("all-bad", tuple(range(8))), "--out", tmp_path / "raise")
