@@ -14,7 +14,6 @@ import torch
 
 from maskformers import cli
 from maskformers.training.data import SampleError, TrainingDataset
-from maskformers.training.label_maps import load_palette
 from maskformers.training.readers_coco import CocoInstances
 from maskformers.training.readers_semantic import HFSegmentationDataset, SemanticFolder
 
@@ -79,6 +78,8 @@ def test_palette_maps_colours_to_ids(tmp_path):
 
 
 def test_palette_files_are_checked(tmp_path):
+    from maskformers.training.label_maps import load_palette
+
     with pytest.raises(ValueError, match=r"colour \[1, 2, 3\] is given to ids 0 and 1"):
         load_palette({0: [1, 2, 3], 1: [1, 2, 3]})
     with pytest.raises(ValueError, match=r"palette, id 4: expected a colour \[r, g, b\] of ints 0..255"):

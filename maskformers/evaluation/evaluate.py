@@ -58,9 +58,10 @@ def evaluate_model(
     OneFormer's :class:`~maskformers.processing.CLIPTokenizer` (default: the one in the folder the model was
     loaded from). Returns a flat dict: "PQ", "SQ", "RQ", "PQ_th", ... / "mIoU", "fwIoU", "pACC" / "AP",
     "AP50", ... (percent; None where there is nothing to measure, e.g. "PQ_th" without thing classes).
-    per_class adds "per_class": {class id: {"PQ", "SQ", "RQ", "TP", "FP", "FN" / "IoU", "ACC" / "AP"}} (the
-    classes that occur) and, for semantic, "confusion": (num_classes, num_classes) counts as nested lists,
-    rows ground truth, columns prediction.
+    per_class adds "per_class": {class id: {"PQ", "SQ", "RQ", "TP", "FP", "FN" / "IoU", "ACC" / "AP"}} for
+    every class of the model (None where a class was not measured: absent from ground truth and predictions,
+    or AP of a stuff class) and, for semantic, "confusion": (num_classes, num_classes) counts as nested
+    lists, rows ground truth, columns prediction.
     """
     reader = getattr(dataset, "reader", dataset)
     thing_ids = frozenset(thing_ids if thing_ids is not None else getattr(reader, "thing_ids", ()))
@@ -112,19 +113,20 @@ def evaluate_model(
     finally:
         model.train(was_training)
     metrics: dict[str, Any] = {}
-    classes: dict[int, dict[str, Any]] = {}
-    for metric in (pq, miou, ap):
+    classes: dict[int, dict[str, Any]] = {c: {} for c in range(num_classes)}
+    for metric, keys in ((pq, ("PQ", "SQ", "RQ", "TP", "FP", "FN")), (miou, ("IoU", "ACC")), (ap, ("AP",))):
         if metric is None:
             continue
         result = metric.compute()
-        for c, values in result.pop("per_class").items():
-            classes.setdefault(int(c), {}).update(values)
+        measured = result.pop("per_class")
+        for c, row in classes.items():
+            row.update({k: measured.get(c, {}).get(k) for k in keys})
         confusion = result.pop("confusion", None)
         if per_class and confusion is not None:
             metrics["confusion"] = confusion.tolist()
         metrics.update(result)
     if per_class:
-        metrics["per_class"] = dict(sorted(classes.items()))
+        metrics["per_class"] = classes
     return metrics
 
 

@@ -39,6 +39,7 @@ def add_evaluate_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="also print a table per class (PQ / IoU / AP) and the confusion matrix (always in --json)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", default=None, help="also write the metrics, per class included, to this JSON file")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_tokenizer_argument(p)
     p.set_defaults(run=run_evaluate)
     return p
@@ -101,14 +102,15 @@ def run_evaluate(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(args.tokenizer, model) if getattr(model, "task_encoder", None) is not None else None
     metrics = evaluate_model(model.to(args.device), reader, tasks=tasks, device=args.device,
                              batch_size=args.batch_size, limit=args.limit, ignore_index=args.ignore_index,
-                             threshold=args.threshold, overlap_threshold=args.overlap_threshold, progress=True,
-                             tokenizer=tokenizer, per_class=True)
+                             threshold=args.threshold, overlap_threshold=args.overlap_threshold,
+                             progress=not args.quiet, tokenizer=tokenizer, per_class=True)
     print(format_table({k: v for k, v in metrics.items() if not k.startswith("n")}))
     if args.per_class:
         print(format_per_class(metrics, data_labels or model_labels))
-    if "panoptic" in tasks and metrics.get("PQ_th") == 0.0 and args.threshold > 0.5:
-        print(f"maskformers evaluate: note: PQ_th is 0: predictions scoring under --threshold {args.threshold} are "
-              "dropped, and a model early in training may score lower (try --threshold 0.5)", file=sys.stderr)
+    zero = [k for k in ("PQ", "PQ_th", "PQ_st") if metrics.get(k) == 0.0]
+    if "panoptic" in tasks and zero and args.threshold > 0.5:
+        print(f"maskformers evaluate: note: {zero[0]} is 0: predictions scoring under --threshold {args.threshold} "
+              "are dropped, and a model early in training may score lower (try --threshold 0.5)", file=sys.stderr)
     if args.json:
         Path(args.json).write_text(json.dumps({"model": args.model, "data": args.data, "tasks": tasks,
                                                "threshold": args.threshold, "id2label": data_labels or model_labels,

@@ -121,8 +121,8 @@ def label_to_classes(label: np.ndarray, *, source: str,
     return table[inverse.reshape(label.shape[:2])]
 
 
-def check_label_values(read: Callable[[int], tuple[str, np.ndarray]], count: int, *, num_classes: int, ignore_index: int,
-                       where: str, names: Mapping[int, str], samples: int = 16) -> None:
+def check_label_values(read: Callable[[int], tuple[str, np.ndarray]], count: int, *, num_classes: int,
+                       ignore_index: int, where: str, names: Mapping[int, str], samples: int = 16) -> None:
     """Raise ValueError when the label maps of a dataset hold only class 0 and ``ignore_index``.
 
     read(i): the name and (H, W) class ids of label map i, or :class:`SampleError` (such maps are left out here; reading
@@ -154,6 +154,7 @@ def check_label_values(read: Callable[[int], tuple[str, np.ndarray]], count: int
 
 def other_classes(names: Mapping[int, str], num_classes: int) -> str:
     """ "class 1 (car)" or "classes 1..9 (car, bus, ...)": the classes besides 0, for messages."""
-    shown = ", ".join(names.get(c, str(c)) for c in range(1, min(num_classes, 4))) + (", ..." if num_classes > 4 else "")
+    shown = ", ".join(names.get(c, str(c)) for c in range(1, min(num_classes, 4)))
+    shown += ", ..." if num_classes > 4 else ""
     span = "class 1" if num_classes == 2 else f"classes 1..{num_classes - 1}"
     return f"{span} ({shown})"
