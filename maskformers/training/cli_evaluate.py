@@ -64,17 +64,17 @@ def _check_options(args: argparse.Namespace, tasks: list[str]) -> None:
             raise UsageError(f"{need} needs pycocotools: {PYCOCOTOOLS_HINT}") from None
 
 
-def _compare_labels(model_labels: dict[int, str], data_labels: dict[int, str]) -> None:
+def _compare_labels(model_labels: dict[int, str], num_classes: int, data_labels: dict[int, str]) -> None:
     """An error when the dataset has classes the model cannot predict; a warning when the names differ."""
-    if not data_labels or data_labels == model_labels:
-        return
-    beyond = sorted(c for c in data_labels if c not in model_labels)
+    beyond = sorted(c for c in data_labels if not 0 <= c < num_classes)
     if beyond:
-        raise UsageError(f"the dataset has {len(data_labels)} classes, the model {len(model_labels)}: class ids "
+        raise UsageError(f"the dataset has {len(data_labels)} classes, the model {num_classes}: class ids "
                          f"{beyond[:10]} ({', '.join(data_labels[c] for c in beyond[:3])}...) are not among the "
                          "model's; evaluate a model fine-tuned on these labels")
-    differ = [c for c in sorted(data_labels) if data_labels[c] != model_labels[c]]
-    example = f"; e.g. id {differ[0]}: model {model_labels[differ[0]]!r}, dataset {data_labels[differ[0]]!r}" \
+    if not model_labels or not data_labels or data_labels == model_labels:
+        return
+    differ = [c for c in sorted(data_labels) if data_labels[c] != model_labels.get(c)]
+    example = f"; e.g. id {differ[0]}: model {model_labels.get(differ[0])!r}, dataset {data_labels[differ[0]]!r}" \
         if differ else ""
     print(f"maskformers evaluate: warning: the model's labels ({len(model_labels)} classes) differ from the "
           f"dataset's ({len(data_labels)}){example}; the metrics compare class ids as they are", file=sys.stderr)
@@ -98,7 +98,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         args.seed = 0
         reader = build_reader(args, id2label=model_labels)
     data_labels = {int(k): str(v) for k, v in (getattr(reader, "id2label", None) or {}).items()}
-    _compare_labels(model_labels, data_labels)
+    _compare_labels(model_labels, model.num_classes, data_labels)
     tokenizer = load_tokenizer(args.tokenizer, model) if getattr(model, "task_encoder", None) is not None else None
     metrics = evaluate_model(model.to(args.device), reader, tasks=tasks, device=args.device,
                              batch_size=args.batch_size, limit=args.limit, ignore_index=args.ignore_index,
