@@ -80,6 +80,35 @@ def test_page_logic_matches_the_segment_command(segmenter, scene_png, tmp_path):
     assert sum(row[3] for row in semantic.rows) == BUILTIN_IMAGE_SIZE**2
 
 
+def test_page_logic_with_a_oneformer_uses_the_task_prompt(scene_png, tmp_path):
+    import torch
+    from mask2former_helpers import perturb_, swin_config
+    from oneformer_helpers import write_clip_vocab
+    from transformers import OneFormerConfig, OneFormerForUniversalSegmentation
+
+    from maskformers import from_pretrained
+
+    folder = tmp_path / "oneformer"
+    config = OneFormerConfig(
+        backbone_config=swin_config(), hidden_dim=64, conv_dim=64, mask_dim=64, num_attention_heads=4,
+        encoder_feedforward_dim=32, dim_feedforward=48, num_queries=10, num_labels=4, decoder_layers=3,
+        encoder_layers=1, id2label={0: "cat", 1: "dog", 2: "sky", 3: "road"})
+    torch.manual_seed(5)
+    perturb_(OneFormerForUniversalSegmentation(config), seed=5, scale=0.5).eval().save_pretrained(folder)
+    write_clip_vocab(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps({
+        "size": {"shortest_edge": 64, "longest_edge": 128}, "num_text": 6,
+        "image_processor_type": "OneFormerImageProcessor", "processor_class": "OneFormerProcessor"}))
+    oneformer = Segmenter(from_pretrained(folder), name="tiny-oneformer")
+    assert oneformer.is_oneformer and oneformer.prompt("instance") == "the task is instance"
+    result = oneformer(str(scene_png), "semantic")
+    assert result.ok and '(semantic, prompt "the task is semantic"; tiny-oneformer on cpu' in result.message
+    assert cli.main(["segment", str(scene_png), "--model", str(folder), "--task", "semantic", "--out",
+                     str(tmp_path / "seg"), "--quiet"]) == 0
+    written = json.loads((tmp_path / "seg" / "scene_segments.json").read_text())["segments"]
+    assert result.rows == [[s["id"], s["label"], "", s["area"]] for s in written]
+
+
 def test_page_logic_explains_a_bad_upload(segmenter, tmp_path):
     text, cut = _not_images(tmp_path)
     for path in (text, cut):
