@@ -196,7 +196,7 @@ def _run_args(run_config: dict[str, Any]) -> dict[str, Any]:
     return args if isinstance(args, dict) else {}
 
 
-def _task(meta: dict[str, Any], info: RunInfo | None) -> str | None:
+def _task(info: RunInfo | None) -> str | None:
     if info is not None and info.run_config is not None:
         task = _run_args(info.run_config).get("task")
         training = info.run_config.get("training_config") or info.run_config.get("training") or {}
@@ -217,7 +217,7 @@ def model_card(meta: dict[str, Any], repo_id: str, *, num_parameters: int, info:
 
     model_type = meta.get("model_type", "mask2former")
     id2label = {int(k): v for k, v in (meta.get("id2label") or {}).items()}
-    task = _task(meta, info)
+    task = _task(info)
     args = _run_args(info.run_config) if info is not None and info.run_config else {}
     data_kind = args.get("data")
     metrics = info.evaluation["metrics"] if info is not None and info.evaluation else {}
