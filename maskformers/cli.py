@@ -6,6 +6,8 @@
     maskformers build-ops [--device auto|cpu|cuda|all] [--op NAME|all] [--rebuild]
     maskformers train / evaluate / demo     (see maskformers.training.cli_train, cli_evaluate)
     maskformers check-data --data ...        (see maskformers.training.cli_check_data)
+    maskformers push RUN_DIR REPO_ID [--private] [--dry-run]     (see maskformers.publish)
+    maskformers serve [--model NAME_OR_PATH] [--port N]            (see maskformers.serve; needs the [demo] extra)
 """
 
 from __future__ import annotations
@@ -91,6 +93,12 @@ def make_parser() -> argparse.ArgumentParser:
     add_evaluate_parser(sub)
     add_check_data_parser(sub)
     add_demo_parser(sub)
+
+    from .publish import add_push_parser
+    from .serve import add_serve_parser
+
+    add_push_parser(sub)
+    add_serve_parser(sub)
     return parser
 
 

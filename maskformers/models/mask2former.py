@@ -145,6 +145,14 @@ class Mask2Former(nn.Module):
 
         return save_pretrained(self, folder)
 
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
+        """Upload to the hub repository ``repo_id`` (``NAMESPACE/NAME``, created if missing) with a model card;
+        returns the commit URL. Keywords: ``private``, ``token``, ``commit_message``, ``endpoint`` (see
+        :func:`maskformers.publish.push_to_hub`)."""
+        from ..publish import push_to_hub
+
+        return push_to_hub(self, repo_id, **kwargs)
+
 
 def build_mask2former(
     config: Mask2FormerConfig,

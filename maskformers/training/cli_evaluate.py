@@ -121,11 +121,24 @@ def run_evaluate(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------- demo
 def add_demo_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser("demo", help="segment a held-out synthetic scene with the built-in model (offline)")
-    p.add_argument("--out", default="maskformers-demo", help="folder for the input and overlay PNGs")
+    p.add_argument("--out", default="maskformers-demo",
+                   help="folder for scene.png (the input) and overlay.png (scene | ground truth | prediction)")
     p.add_argument("--scene", type=int, default=0, help="which held-out scene to draw")
     p.add_argument("--scenes", type=int, default=100, help="held-out scenes for the PQ (0: skip)")
+    p.add_argument("--height", type=_display_height, default=512,
+                   help="height in pixels of the scene | ground truth | prediction picture (default 512)")
     p.set_defaults(run=run_demo)
     return p
+
+
+def _display_height(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 16 <= value <= 4096:
+        raise argparse.ArgumentTypeError(f"--height must be a whole number of pixels in [16, 4096], got {text!r}")
+    return value
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -134,7 +147,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
     from ..evaluation.evaluate import evaluate_model
     from ..processing import post_process_panoptic
-    from ..processing.visualize import overlay_segments
+    from ..processing.visualize import compare_segmentations, masks_to_segmentation
     from .builtin import BUILTIN_IMAGE_SIZE, BUILTIN_VAL_SEED, BuiltinModelMissing, load_builtin_model
     from .data import collate
     from .synthetic import SyntheticScenes
@@ -153,12 +166,14 @@ def run_demo(args: argparse.Namespace) -> int:
     folder = Path(args.out)
     folder.mkdir(parents=True, exist_ok=True)
     PIL.Image.fromarray(scene["image"].permute(1, 2, 0).numpy()).save(folder / "scene.png")
-    overlay = overlay_segments(scene["image"], result["segmentation"], result["segments_info"],
-                               id2label=model.id2label)
-    overlay.save(folder / "overlay.png")
+    comparison = compare_segmentations(scene["image"], masks_to_segmentation(scene["masks"], scene["labels"]),
+                                       (result["segmentation"], result["segments_info"]), id2label=model.id2label,
+                                       height=args.height)
+    comparison.save(folder / "overlay.png")
     found = ", ".join(f"{model.id2label[s['label_id']]} {s['score']:.2f}" for s in result["segments_info"])
     print(f"scene {args.scene}: {len(result['segments_info'])} segments ({found})")
-    print(f"wrote {folder / 'scene.png'} and {folder / 'overlay.png'}")
+    print(f"wrote {folder / 'scene.png'} and {folder / 'overlay.png'} (scene | ground truth | prediction, "
+          f"{comparison.width}x{comparison.height})")
     if args.scenes:
         held_out = SyntheticScenes(args.scenes, size=BUILTIN_IMAGE_SIZE, seed=BUILTIN_VAL_SEED)
         m = evaluate_model(model, held_out, task="panoptic")
