@@ -6,6 +6,7 @@
     maskformers info [--build]
     maskformers build-ops [--device auto|cpu|cuda|all] [--op NAME|all] [--rebuild]
     maskformers train / evaluate / demo     (see maskformers.training.cli_train, cli_evaluate)
+    maskformers check-data --data ...        (see maskformers.training.cli_check_data)
 """
 
 from __future__ import annotations
@@ -117,18 +118,26 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--rebuild", action="store_true", help="delete the cached builds first and compile again")
     p.set_defaults(run=_build_ops)
 
+    from .training.cli_check_data import add_check_data_parser
     from .training.cli_evaluate import add_demo_parser, add_evaluate_parser
     from .training.cli_train import add_train_parser
 
     add_train_parser(sub)
     add_evaluate_parser(sub)
+    add_check_data_parser(sub)
     add_demo_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .training.cli_data import UsageError
+
     args = make_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except UsageError as exc:  # a bad option or input, named by the message: one line, exit code 2
+        print(f"maskformers {args.command}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

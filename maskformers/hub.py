@@ -142,7 +142,11 @@ def resolve_checkpoint(
     cache_dir: str | Path | None = None,
     local_files_only: bool = False,
 ) -> Path:
-    """The local folder of a checkpoint: ``name_or_path`` itself, or a hub id downloaded (config, weights)."""
+    """The local folder of a checkpoint: ``name_or_path`` itself, or a hub id downloaded (config, weights).
+
+    A name that can only be a local path (absolute, starting with ``.`` or ``~``, more than one ``/``) or
+    whose first part is an existing local folder (``runs/bset`` beside ``runs/``) is never looked up on the
+    hub: when it is missing the error says "no such folder" and what its parent holds."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
@@ -151,10 +155,9 @@ def resolve_checkpoint(
             f"{path} is a file; expected a checkpoint folder or a hub id (use convert() for single files)"
         )
     name = str(name_or_path)
-    if not _REPO_ID.match(name):
-        raise CheckpointError(
-            f"{name!r} is neither an existing folder nor a hub id like 'facebook/mask2former-swin-tiny-coco-panoptic'"
-        )
+    hub_like = bool(_REPO_ID.match(name)) and not name.startswith((".", "~"))
+    if not hub_like or Path(name.split("/")[0]).is_dir():
+        raise CheckpointError(_no_such_folder(path, hub_like=hub_like))
     from huggingface_hub import snapshot_download
 
     kwargs = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
@@ -168,6 +171,25 @@ def resolve_checkpoint(
             "pass a local folder with config.json and model.safetensors or pytorch_model.bin instead"
         ) from exc
     return folder
+
+
+def _no_such_folder(path: Path, *, hub_like: bool) -> str:
+    """The error for a checkpoint folder that does not exist: the nearest existing parent and what it holds."""
+    parent = path.parent
+    while not parent.is_dir() and parent != parent.parent:
+        parent = parent.parent
+    message = f"no such folder: {path}"
+    if parent.is_dir() and parent != path.parent:
+        message += f" ({parent} exists, {path.parent} does not)"
+    elif parent.is_dir():
+        entries = sorted(p.name for p in parent.iterdir() if p.is_dir() and not p.name.startswith("."))
+        shown = ", ".join(entries[:8]) + (", ..." if len(entries) > 8 else "")
+        message += f" ({parent} holds the folders: {shown})" if entries else f" ({parent} holds no folder)"
+    if hub_like:
+        message += f"; not looked up on the hub because the local folder {path.parts[0]}/ exists"
+    elif len(path.parts) == 1 and not path.is_absolute():
+        message += "; a hub id looks like 'facebook/mask2former-swin-tiny-coco-panoptic'"
+    return message
 
 
 def checkpoint_model_type(folder: Path) -> str:
