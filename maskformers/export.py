@@ -57,6 +57,14 @@ def _class_info(model: nn.Module, processor: Any) -> Any:
     return None if info is None else load_class_info(info)
 
 
+def _check_padding(processor: Any) -> None:
+    if processor.size_divisibility:
+        raise ValueError(f"cannot export to transformers: preprocessor size_divisibility="
+                         f"{processor.size_divisibility}: transformers' image processors pad to the largest image "
+                         "of the batch only, so the exported model would see other inputs; set it to 0 in "
+                         "model.preprocessor_config to export")
+
+
 def hf_preprocessor_config(model: nn.Module) -> tuple[dict[str, Any], list[str]]:
     """(transformers ``preprocessor_config.json`` dict, notes) of ``model``'s processor settings."""
     from .processing.image_processor import ImageProcessor
@@ -65,12 +73,14 @@ def hf_preprocessor_config(model: nn.Module) -> tuple[dict[str, Any], list[str]]
     config, settings = model.config, getattr(model, "preprocessor_config", None)
     if config.model_type == "mask2former":
         processor = ImageProcessor.from_dict(settings) if settings else ImageProcessor()
+        _check_padding(processor)
         out = {"image_processor_type": "Mask2FormerImageProcessor", **_image_settings(processor.to_dict()),
                "size_divisor": processor.size_divisor}
         if processor.pad_size is not None:
             out["pad_size"] = dict(processor.pad_size)
         return out, []
     processor = OneFormerProcessor.from_dict(settings) if settings else OneFormerProcessor()
+    _check_padding(processor)
     if processor.size_divisor:
         raise ValueError(f"cannot export to transformers: preprocessor size_divisor={processor.size_divisor}: "
                          "transformers' OneFormerImageProcessor does not round sizes to a divisor")

@@ -319,6 +319,10 @@ def test_bad_options_are_refused(tmp_path):
         ours.save_pretrained(tmp_path / "a", with_text_mapper=True)
     with pytest.raises(ValueError, match="needs a OneFormer with a text mapper"):
         ours.save_pretrained(tmp_path / "a", format="transformers", with_text_mapper=True)
+    ours.id2label, ours.preprocessor_config = LABELS, {"size_divisibility": 32}
+    with pytest.raises(ValueError, match="size_divisibility=32: transformers' image processors pad to the largest"):
+        ours.save_pretrained(tmp_path / "a", format="transformers")
+    assert not (tmp_path / "a").exists()
 
 
 def test_export_over_our_layout_replaces_it(tmp_path):
@@ -344,7 +348,7 @@ def test_export_command(tmp_path, capsys):
     for args, message in [
         ([str(tmp_path / "hf"), str(tmp_path / "hf")], "is the source"),
         ([str(tmp_path / "run" / "final"), str(tmp_path / "hf")], "is not empty; pass force=True"),
-        ([str(tmp_path / "missing"), str(tmp_path / "x")], "neither an existing folder nor a hub id"),
+        ([str(tmp_path / "missing"), str(tmp_path / "x")], "no such folder"),
     ]:
         code = main(["export", *args, "--to", "transformers"])
         err = capsys.readouterr().err
