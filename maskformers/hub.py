@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -390,21 +391,51 @@ def _write_folder(model: nn.Module, folder: Path) -> None:
         (folder / extra).write_bytes(content)
 
 
-def save_pretrained(model: nn.Module, folder: str | Path) -> Path:
-    """Write ``model.safetensors`` and ``maskformers_config.json`` (+ ``preprocessor_config.json`` when the
-    model carries one) into ``folder``; :func:`from_pretrained` reads them back. The files are written
-    into a temporary folder next to ``folder`` and moved in at the end, so an interrupted save leaves
-    the previous files intact."""
+def save_pretrained(
+    model: nn.Module,
+    folder: str | Path,
+    *,
+    format: str = "maskformers",
+    with_text_mapper: bool = False,
+    tokenizer: Any = None,
+) -> Path:
+    """Write ``model`` into ``folder``; :func:`from_pretrained` reads either layout back.
+
+    format="maskformers": ``model.safetensors`` and ``maskformers_config.json`` (+ ``preprocessor_config.json``
+    and the tokenizer / class-info files when the model carries them). format="transformers": the folder
+    transformers' ``from_pretrained`` (and ``AutoImageProcessor`` / ``OneFormerProcessor``) reads, see
+    :mod:`maskformers.export`; ``with_text_mapper`` keeps a OneFormer's text mapper (``is_training``), and
+    ``tokenizer`` (a ``CLIPTokenizer``, a folder or CLIP's BPE file) supplies a OneFormer's tokenizer files
+    when the model did not bring them from its checkpoint. Settings transformers cannot represent raise
+    ``ValueError``; differences that do not block the export are shown once as a ``UserWarning``.
+
+    The files are written into a temporary folder next to ``folder`` and moved in at the end, so an
+    interrupted save leaves the previous files intact."""
+    if format not in ("maskformers", "transformers"):
+        raise ValueError(f"format must be 'maskformers' or 'transformers', got {format!r}")
+    if format == "maskformers" and (with_text_mapper or tokenizer is not None):
+        raise ValueError("with_text_mapper and tokenizer apply to format='transformers' only")
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"cannot save into {folder}: it is a file")
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    notes: list[str] = []
     try:
-        _write_folder(model, tmp)
+        if format == "transformers":
+            from .export import write_transformers_folder
+
+            notes = write_transformers_folder(model, tmp, with_text_mapper=with_text_mapper, tokenizer=tokenizer)
+        else:
+            _write_folder(model, tmp)
         folder.mkdir(exist_ok=True)
+        if format == "transformers":  # a config of ours would make from_pretrained read the folder as ours
+            (folder / OUR_CONFIG).unlink(missing_ok=True)
         for item in tmp.iterdir():
             os.replace(item, folder / item.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    if notes:
+        warnings.warn(f"exported {type(model).__name__} to transformers ({folder}) with these differences:\n- "
+                      + "\n- ".join(notes), UserWarning, stacklevel=2)
     return folder
