@@ -79,10 +79,9 @@ def test_demo_with_weights(trained, tmp_path, monkeypatch, capsys):
 
 
 def test_bad_data_arguments_exit_with_a_message(tmp_path, capsys):
-    assert cli.main(["train", "--model", "builtin", "--data", "coco-panoptic", "--out", str(tmp_path), "--quiet"]) == 2
-    assert "needs --images and --annotations" in capsys.readouterr().err
-    assert cli.main(["train", "--model", "builtin", "--data", "semantic-folder", "--out", str(tmp_path),
-                     "--quiet"]) == 2
+    assert cli.main(["train", "--data", "coco-panoptic", "--out", str(tmp_path), "--quiet"]) == 2
+    assert capsys.readouterr().err == "maskformers train: --data coco-panoptic needs --images and --annotations\n"
+    assert cli.main(["train", "--data", "semantic-folder", "--out", str(tmp_path), "--quiet"]) == 2
     assert "needs --id2label" in capsys.readouterr().err
 
 

@@ -206,9 +206,9 @@ def test_resume_needs_only_out_and_restores_the_settings(semantic, tmp_path, cap
                      "--checkpoint-every", "1", "--log-every", "1", "--out", out)
     assert rc == 0, err
     config = json.loads((out / "run_config.json").read_text())
-    assert config["options"]["lr"] == 2e-4 and config["training"]["max_steps"] == 2
+    assert config["args"]["lr"] == 2e-4 and config["training"]["max_steps"] == 2
     assert config["data"]["crop_size"] == 64 and config["versions"]["torch"] == torch.__version__
-    assert config["command"].startswith("maskformers train --model builtin")
+    assert config["command"][:4] == ["maskformers", "train", "--model", "builtin"]
     shutil.rmtree(out / "final")  # as after a crash: no final/ or best/ yet
     (out / "checkpoint-00000002.pt").unlink()
 
@@ -272,7 +272,7 @@ def test_model_builtin_is_the_shipped_model_and_from_scratch_is_explicit(tmp_pat
     rc, err = _train(capsys, "--recipe", "builtin", *FAST, "--steps", "1", "--scenes", "4", "--val-scenes", "0",
                      "--out", tmp_path / "recipe")
     assert rc == 0, err
-    options = json.loads((tmp_path / "recipe" / "run_config.json").read_text())["options"]
+    options = json.loads((tmp_path / "recipe" / "run_config.json").read_text())["args"]
     assert options["recipe"] == "builtin" and "model" not in options
 
     config = tmp_path / "tiny.json"

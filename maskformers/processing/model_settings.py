@@ -7,8 +7,9 @@ preprocess a model's images with :func:`image_processor_for` (resize, normalise,
 shortest edge 800, longest 1333), said once.
 
 Fine-tuning writes the settings it trained with (:func:`training_processor_config`): the size at which an
-image meets the model at scale 1 of the training augmentation, ImageNet normalisation as the training batches
-have, and the class names with their thing/stuff split (``class_info``, the layout OneFormer's checkpoints
+image meets the model at scale 1 of the training augmentation, ImageNet normalisation and zero padding to a
+multiple of 32 (``size_divisibility``) as the training batches have, and the class names with their thing/stuff
+split (``class_info``, the layout OneFormer's checkpoints
 use; :func:`class_info_of` reads it back).
 """
 
@@ -31,7 +32,7 @@ def image_processor_for(model: Any, *, say: Callable[[str], None] | None = None)
     config = getattr(model, "preprocessor_config", None)
     if not config:
         if say is not None:
-            say("note: the model has no preprocessor_config.json; images are preprocessed with the default "
+            say("the model carries no preprocessor_config.json: its images are preprocessed by the default "
                 "ImageProcessor() (shortest edge 800, longest 1333, ImageNet normalisation)")
         return ImageProcessor()
     if getattr(model, "task_encoder", None) is not None:  # OneFormer keys (class info, text lengths) aside
@@ -45,11 +46,12 @@ def training_processor_config(task: str, crop_size: int, class_info: ClassInfo |
     """``preprocessor_config.json`` of a model trained with crops of ``crop_size``: panoptic / instance
     (large-scale jitter around "fit the image into crop x crop") resize to fit ``crop_size`` x ``crop_size``;
     semantic (random shortest side around ``crop_size``) resize the shortest side to ``crop_size`` (longest at
-    most 4x). ImageNet mean/std on the 0..255 scale, as the training batches. ``class_info`` adds the class
-    names and thing ids."""
+    most 4x). ImageNet mean/std on the 0..255 scale and padding to a multiple of 32, as the training batches.
+    ``class_info`` adds the class names and thing ids."""
     size = ({"shortest_edge": crop_size, "longest_edge": 4 * crop_size} if task == "semantic"
             else {"max_height": crop_size, "max_width": crop_size})
-    config = ImageProcessor(size=size, size_divisor=0, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD).to_dict()
+    config = ImageProcessor(size=size, size_divisor=0, size_divisibility=32, image_mean=IMAGENET_MEAN,
+                            image_std=IMAGENET_STD).to_dict()
     if class_info is not None:
         config["class_info"] = class_info.to_dict()
     return config

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .cli_data import add_common_data, add_data_arguments, add_tokenizer_argument, build_reader, has_val
+from .cli_data import UsageError, add_common_data, add_data_arguments, add_tokenizer_argument, build_reader, has_val
 
 __all__ = ["add_train_parser", "run_train"]
 
@@ -142,11 +142,9 @@ def run_train(args: argparse.Namespace) -> int:
         hint = " (--on-error skip skips such samples and lists them)" if isinstance(exc, SampleError) else ""
         print(f"maskformers train: {exc}{hint}", file=sys.stderr)
         return 2
-    except SystemExit as exc:  # the data options' one-line errors
-        if isinstance(exc.code, str):
-            print(f"maskformers train: {exc.code}", file=sys.stderr)
-            return 2
-        raise
+    except UsageError as exc:
+        print(f"maskformers train: {exc}", file=sys.stderr)
+        return 2
     finally:
         teardown()
 
@@ -160,7 +158,7 @@ def _settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any],
         return given, {}, None
     check_run_folder(args.out, resume=True, overwrite=bool(args.overwrite))
     stored = read_run_config(args.out)
-    before = dict(stored.get("options", {}))
+    before = dict(stored.get("args", {}))
     changed = {k: {"was": before.get(k), "now": v} for k, v in given.items() if before.get(k) != v}
     for key in ("model", "from_scratch", "recipe"):  # the run's starting point is its own
         if key in changed:
@@ -175,20 +173,18 @@ def _settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any],
     return {**before, **given}, dict(stored.get("training", {})), {"changed": changed}
 
 
-def _command_line(options: dict[str, Any], out: str) -> str:
-    """The ``maskformers train`` command line that gives these options."""
-    import shlex
-
-    parts = ["maskformers", "train"]
+def _command_line(options: dict[str, Any], out: str) -> list[str]:
+    """The words of the ``maskformers train`` command that gives these options."""
+    words = ["maskformers", "train"]
     for key, value in options.items():
         flag = "--" + key.replace("_", "-")
         if value is True:
-            parts.append(flag)
+            words.append(flag)
         elif isinstance(value, (list, tuple)):
-            parts += [flag, *map(str, value)]
+            words += [flag, *map(str, value)]
         elif value is not False:
-            parts += [flag, str(value)]
-    return shlex.join([*parts, "--out", str(out)])
+            words += [flag, str(value)]
+    return [*words, "--out", str(out)]
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -209,14 +205,11 @@ def _run(args: argparse.Namespace) -> int:
         args.val_scenes = BUILTIN_RECIPE["val_scenes"] if args.val_scenes is None else args.val_scenes
         if resumed is None:
             fields = dict(BUILTIN_RECIPE["training"])
-    if (args.model is None) == (args.from_scratch is None):
-        raise SystemExit("say what to start from: --model (a trained model: hub id, folder or 'builtin') or "
-                         "--from-scratch ('builtin' or a model config JSON)")
     if args.config and resumed is None:
         try:
             fields.update(json.loads(Path(args.config).read_text()))
         except (OSError, ValueError) as exc:
-            raise SystemExit(f"--config {args.config}: cannot read it as JSON ({exc})") from None
+            raise UsageError(f"--config {args.config}: cannot read it as JSON ({exc})") from None
     for option, field in [("task", "task"), ("amp", "amp"), ("freeze_backbone", "freeze_backbone")] + [
             (name.replace("-", "_"), field) for name, field, _, _ in _TRAINING_OPTIONS]:
         if getattr(args, option, None) is not None:
@@ -227,13 +220,16 @@ def _run(args: argparse.Namespace) -> int:
     args.val_scenes = 100 if args.val_scenes is None else args.val_scenes
 
     reader = build_reader(args)
+    if (args.model is None) == (args.from_scratch is None):
+        raise UsageError("say what to start from: --model (a trained model: hub id, folder or 'builtin') or "
+                         "--from-scratch ('builtin' or a model config JSON)")
     if args.from_scratch is not None:
         model = new_model(args.from_scratch, id2label=dict(reader.id2label), seed=args.seed)
     else:
         model = load_model(args.model)
     crop = args.crop_size or args.size or (BUILTIN_IMAGE_SIZE if args.data == "synthetic" else None)
     val = build_reader(args, split="val") if has_val(args) else None
-    run_info = {"command": _command_line(options, args.out), "options": options,
+    run_info = {"command": _command_line(options, args.out), "args": options,
                 **({"resumed": resumed} if resumed is not None else {})}
     finetune(model, reader, out=args.out, val_data=val, crop_size=crop, on_error=args.on_error or "raise",
              scale_range=tuple(args.scale_range or (0.1, 2.0)), thing_ids=args.thing_ids, tokenizer=args.tokenizer,
