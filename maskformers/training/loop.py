@@ -24,7 +24,6 @@ TensorBoard events when ``tensorboard`` is installed. A tqdm progress bar shows 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import sys
 import time
@@ -40,10 +39,12 @@ from . import checkpoint as ckpt
 from .config import TrainingConfig
 from .criterion import MaskFormerCriterion, _mix
 from .data import MODEL_INPUTS, TrainingDataset, collate
-from .distributed import DistInfo, all_reduce_mean, barrier, setup
+from .distributed import DistInfo, all_reduce_mean, barrier, broadcast_object, gather_objects, setup
 from .finetune import labels_mismatch
 from .matcher import HungarianMatcher
 from .optim import build_optimizer, build_scheduler
+from .run_log import JsonlLog
+from .skipped import SkippedSamples, TooManySkipped
 
 __all__ = ["train", "TrainResult", "TooManySkipped", "build_criterion", "criterion_for", "batch_indices",
            "MAIN_METRIC"]
@@ -56,13 +57,9 @@ class TrainResult:
     step: int
     losses: list[dict[str, float]] = field(default_factory=list)  # logged records of this call
     best: dict[str, Any] | None = None
-    skipped: int = 0  # skipped draws of this call (a bad sample drawn in two epochs counts twice)
+    skipped: int = 0  # skipped draws (a bad sample drawn in two epochs counts twice)
     skipped_samples: dict[int, str] = field(default_factory=dict)  # dataset index -> reason, each bad sample once
     stopped: str | None = None  # why the run ended before config.max_steps (early stopping, a callback)
-
-
-class TooManySkipped(RuntimeError):
-    """More than ``config.max_skip_rate`` of the dataset could not be used; the message lists some of them."""
 
 
 def criterion_for(model: nn.Module, config: TrainingConfig) -> MaskFormerCriterion:
@@ -102,38 +99,6 @@ def batch_indices(step: int, micro: int, *, num_samples: int, config: TrainingCo
     order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(_mix(config.seed, epoch)))
     start = offset * global_batch + (micro * world_size + rank) * b
     return epoch, order[start:start + b].tolist()
-
-
-class _JsonlLog:
-    def __init__(self, path: Path | None, resume_step: int) -> None:
-        self.path = path
-        self.tb = None
-        if path is None:
-            return
-        if path.exists():  # drop records the resumed run will write again
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            path.write_text("".join(line + "\n" for line in kept))
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(path.parent / "tensorboard"))
-        except ImportError:
-            self.tb = None
-
-    def write(self, record: dict[str, Any]) -> None:
-        if self.path is None:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.tb is not None:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k != "step":
-                    self.tb.add_scalar(k, v, record["step"])
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
 
 
 def _state(model, optimizer, scheduler, scaler, criterion, step, config, best) -> dict[str, Any]:
@@ -219,7 +184,7 @@ def train(
         found = ckpt.load_latest(out)
         if found is not None:
             state, path = found
-            _check_resumable(model, state["model"], path)
+            ckpt.check_fits(model, state["model"], path)
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
@@ -233,9 +198,11 @@ def train(
     if info.world_size > 1:
         ddp = nn.parallel.DistributedDataParallel(
             model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
-    log = _JsonlLog(out / "log.jsonl" if out is not None and info.is_main else None, step)
+    log = JsonlLog(out / "log.jsonl" if out is not None and info.is_main else None, step)
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.amp or "")
-    result = TrainResult(step=step, best=best, skipped_samples=skipped_before)
+    skipped = SkippedSamples(len(dataset), config.max_skip_rate, known=skipped_before,
+                             log_path=out / "log.jsonl" if out is not None else None)
+    result = TrainResult(step=step, best=best, skipped_samples=skipped.reasons)
     last_steps = config.max_steps if stop_after is None else min(config.max_steps, step + stop_after)
     bar = None
     if progress and info.is_main:
@@ -296,12 +263,10 @@ def train(
 
             values = all_reduce_mean(torch.tensor([terms[k] for k in sorted(terms)], dtype=torch.float64))
             terms = dict(zip(sorted(terms), values.tolist()))
-            bad = _gather(bad)
+            bad = gather_objects(bad)
             if bad:
-                _record_skipped(bad, result, step, log, say)
-                if len(result.skipped_samples) > config.max_skip_rate * len(dataset):
-                    raise TooManySkipped(_too_many_message(result.skipped_samples, len(dataset), config,
-                                                           log.path))
+                result.skipped += len(bad)
+                skipped.add(bad, step, log.write, say)  # raises TooManySkipped past config.max_skip_rate
             if step % config.log_every == 0 or step == last_steps:
                 elapsed = time.perf_counter() - tic
                 record = {"step": step, "lr": lr, "loss": terms["loss"],
@@ -345,7 +310,7 @@ def train(
                         stop = (f"early stopping: {MAIN_METRIC[config.task]} did not improve on step {best['step']}'s "
                                 f"{best['value']:.2f} in {evals_since_best} evaluations")
                 tic = time.perf_counter()  # images/s measures training, not evaluation
-            stop = _broadcast(stop)
+            stop = broadcast_object(stop)
             if out is not None and (step % config.checkpoint_every == 0 or step == last_steps or stop):
                 if info.is_main:
                     state = _state(model, optimizer, scheduler, scaler, criterion, step, config, best)
@@ -365,70 +330,8 @@ def train(
         log.close()
     result.step = step
     if result.skipped_samples:
-        shown = list(result.skipped_samples.items())[:5]
-        say(f"skipped {result.skipped} sample draw(s), {len(result.skipped_samples)} distinct sample(s) of "
-            f"{len(dataset)}: " + "; ".join(f"#{i} {r}" for i, r in shown)
-            + (" ..." if len(result.skipped_samples) > len(shown) else "")
-            + (f" (every one in {log.path})" if log.path is not None else ""))
+        say(skipped.summary(result.skipped))
     return result
-
-
-def _check_resumable(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
-    """A clear error when a checkpoint's weights do not fit ``model`` (another class count, another model)."""
-    own = model.state_dict()
-    shapes = [f"{k} {tuple(v.shape)} (model: {tuple(own[k].shape)})" for k, v in state.items()
-              if k in own and tuple(v.shape) != tuple(own[k].shape)]
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    if shapes or missing or unexpected:
-        detail = "; ".join(part for part in (
-            f"shapes differ: {', '.join(shapes[:3])}" if shapes else "",
-            f"{len(missing)} weight(s) missing, e.g. {missing[:2]}" if missing else "",
-            f"{len(unexpected)} unexpected, e.g. {unexpected[:2]}" if unexpected else "") if part)
-        raise ValueError(f"cannot resume from {path}: it was written by another model or for other data ({detail}); "
-                         "resume with the run's own model and data options")
-
-
-def _gather(items: list[Any]) -> list[Any]:
-    """``items`` of every process, concatenated in rank order (this process's alone when not distributed)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return items
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, items)
-    return [x for part in gathered for x in part]
-
-
-def _broadcast(value: Any) -> Any:
-    """Rank 0's ``value`` on every process."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _record_skipped(bad: list[tuple[int, str]], result: TrainResult, step: int, log: _JsonlLog,
-                    say: Callable[[str], None]) -> None:
-    result.skipped += len(bad)
-    new = {i: r for i, r in bad if i not in result.skipped_samples}
-    if not new:
-        return
-    log.write({"step": step, "skipped": [{"index": i, "reason": r} for i, r in new.items()]})
-    for i, reason in new.items():
-        if len(result.skipped_samples) < 10:
-            say(f"skipped sample #{i}: {reason}")
-        result.skipped_samples[i] = reason
-
-
-def _too_many_message(skipped: dict[int, str], size: int, config: TrainingConfig, log_path: Path | None) -> str:
-    shown = "; ".join(f"#{i} {r}" for i, r in list(skipped.items())[:3])
-    where = f"; all of them in {log_path}" if log_path is not None else ""
-    return (f"{len(skipped)} of the {size} samples ({100 * len(skipped) / size:.1f}%) could not be used, more than "
-            f"max_skip_rate {config.max_skip_rate:g} ({100 * config.max_skip_rate:g}%): {shown}{where}. Fix the data "
-            "(`maskformers check-data` lists every problem) or raise the limit (--max-skip-rate)")
 
 
 class _EpochIndexed(torch.utils.data.Dataset):
@@ -450,14 +353,7 @@ class _EpochIndexed(torch.utils.data.Dataset):
 
 def _step_target_counts(batches: list[dict[str, Any]]) -> list[int]:
     """Target counts of every image of the step, over the micro-batches of every process."""
-    local = [int(t["labels"].numel()) for b in batches for t in b["targets"]]
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return local
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, local)
-    return [c for part in gathered for c in part]
+    return gather_objects([int(t["labels"].numel()) for b in batches for t in b["targets"]])
 
 
 def _average_criterion_grads(criterion: nn.Module, world_size: int) -> None:
