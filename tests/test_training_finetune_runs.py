@@ -123,6 +123,7 @@ def _coco(root, split, prefix=""):
 
 
 def test_saved_models_carry_their_preprocessing_and_segment_matches_evaluate(coco, tmp_path, capsys):
+    import maskformers
     from maskformers import ImageProcessor
     from maskformers.evaluation.panoptic_quality import PanopticQuality
     from maskformers.training.data import panoptic_map
@@ -158,6 +159,19 @@ def test_saved_models_carry_their_preprocessing_and_segment_matches_evaluate(coc
         gt, gt_segments = panoptic_map(reader[i])
         pq.update(pred, segments, gt, gt_segments)
     assert pq.compute()["PQ"] == evaluated["PQ"]
+
+    # the Python API on the saved folder: the same map as segment's for an image
+    model = maskformers.from_pretrained(out / "best")
+    processor = ImageProcessor.from_pretrained(out / "best")
+    inputs = processor(PIL.Image.open(coco / "val2017" / reader.images[0]["file_name"]))
+    with torch.inference_mode():
+        output = model(inputs["pixel_values"])
+    result = maskformers.post_process_panoptic(output.class_logits, output.mask_logits, threshold=0.8,
+                                               input_size=inputs["pixel_values"].shape[-2:],
+                                               image_sizes=inputs["image_sizes"], target_sizes=inputs["original_sizes"])
+    stem = reader.images[0]["file_name"].rsplit(".", 1)[0]
+    assert np.array_equal(result[0]["segmentation"].numpy(),
+                          np.asarray(PIL.Image.open(tmp_path / "seg" / f"{stem}_segmentation.png")))
 
 
 # ---------------------------------------------------------------------------------------------- item 5

@@ -1,6 +1,6 @@
 """The README's fine-tuning walkthrough runs as written: its commands are read from README.md (between the
 walkthrough markers) and run on small datasets written to disk in the layouts it describes; only the step
-counts are smaller (N -> N // 100)."""
+counts are smaller (N -> N // 50)."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def walkthrough_commands() -> list[list[str]]:
 
 
 def _fewer_steps(argv: list[str]) -> list[str]:
-    return [str(max(1, int(a) // 100)) if i and argv[i - 1] == "--steps" else a for i, a in enumerate(argv)]
+    return [str(max(1, int(a) // 50)) if i and argv[i - 1] == "--steps" else a for i, a in enumerate(argv)]
 
 
 def test_the_readme_walkthrough_runs_as_written(tmp_path, monkeypatch, capsys):
@@ -67,7 +67,7 @@ def test_the_readme_walkthrough_runs_as_written(tmp_path, monkeypatch, capsys):
     for name in ("before", "after"):
         assert math.isfinite(metrics[name]["PQ"]) and 0 <= metrics[name]["PQ"] <= 100
     config = json.loads(Path("runs/coco/run_config.json").read_text())
-    assert config["training"]["max_steps"] == 4 and config["resumes"][-1]["changed"]["steps"] == {"was": 3, "now": 4}
+    assert config["training"]["max_steps"] == 3 and config["resumes"][-1]["changed"]["steps"] == {"was": 2, "now": 3}
 
 
 @pytest.mark.parametrize("line", [line for line in README.read_text().splitlines()

@@ -24,8 +24,7 @@ BUILTIN_MODEL_CONFIG: dict[str, Any] = {
 }
 # TrainingConfig fields of the recipe (the rest keep their defaults) + the data settings of the CLI
 BUILTIN_RECIPE: dict[str, Any] = {
-    # trial on a shared (heavily loaded) 2-core machine, same settings but max_steps 600: held-out PQ 71.9
-    # (things 50.1, stuff 93.8) after 150 steps, before any decay; 300 steps run in ~15-20 min on 2 idle cores
+    # measured on a shared 2-core AMD EPYC (load 7-8): 45 min wall, 16 min CPU time, held-out PQ 77.4 at step 300
     "training": {"task": "panoptic", "max_steps": 300, "batch_size": 8, "lr": 5e-4, "backbone_lr_multiplier": 1.0,
                  "warmup_steps": 50, "warmup_factor": 0.01, "num_points": 2048, "clip_grad_norm": 0.01,
                  "seed": 0, "log_every": 10, "checkpoint_every": 50, "eval_every": 100},
