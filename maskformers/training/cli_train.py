@@ -214,9 +214,8 @@ def _run(args: argparse.Namespace) -> int:
             (name.replace("-", "_"), field) for name, field, _, _ in _TRAINING_OPTIONS]:
         if getattr(args, option, None) is not None:
             fields[field] = getattr(args, option)
-    TrainingConfig.from_dict({k: v for k, v in fields.items()})  # unknown --config fields: one line, early
+    TrainingConfig.from_dict(fields)  # unknown --config fields: one line, before anything is read
     args.seed = fields.get("seed", 0)
-    args.data = args.data or "synthetic"
     args.val_scenes = 100 if args.val_scenes is None else args.val_scenes
 
     reader = build_reader(args)

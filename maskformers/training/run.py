@@ -175,15 +175,16 @@ def finetune(
     mode = check_run_folder(out, resume=resume, overwrite=overwrite)
     model_source = model if isinstance(model, str) else getattr(model, "source_folder", None)
     if isinstance(model, str):
-        from .cli_data import load_model
+        from ..hub import from_pretrained
+        from .builtin import load_builtin_model
 
-        model = load_model(model)
+        model = load_builtin_model() if model == "builtin" else from_pretrained(model)
     given_dataset = data if isinstance(data, TrainingDataset) else None
     reader = as_reader(data, id2label=id2label)
     if thing_ids is not None:
         _set_thing_ids(reader, thing_ids)
     if "task" not in training and (config is None or given_dataset is not None):
-        training["task"] = given_dataset.task or "panoptic" if given_dataset is not None else default_task(reader)
+        training["task"] = (given_dataset.task or "panoptic") if given_dataset is not None else default_task(reader)
     if val_data is not None and "eval_every" not in training and not (config and config.eval_every):
         training["eval_every"] = (config or TrainingConfig()).checkpoint_every
     config = _training_config(config, training)
@@ -259,9 +260,12 @@ def _training_dataset(model: nn.Module, reader: Any, config: TrainingConfig, cro
     from .oneformer_data import OneFormerTrainingDataset, num_text_for
 
     if tokenizer is None or isinstance(tokenizer, (str, Path)):
-        from .cli_data import load_tokenizer
+        from .cli_data import UsageError, load_tokenizer
 
-        tokenizer = load_tokenizer(None if tokenizer is None else str(tokenizer), model)
+        try:
+            tokenizer = load_tokenizer(None if tokenizer is None else str(tokenizer), model)
+        except UsageError as exc:  # a ValueError from Python, not a SystemExit
+            raise ValueError(str(exc).replace("--tokenizer", "tokenizer=")) from None
     mapper = getattr(model, "text_mapper", None)
     return OneFormerTrainingDataset(
         reader, tokenizer=tokenizer, num_text=num_text_for(model), transform=transform, on_error=on_error,
