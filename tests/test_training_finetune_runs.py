@@ -10,7 +10,14 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from finetune_helpers import SEMANTIC_CLASSES, TINY, write_coco_instances, write_coco_panoptic, write_id2label, write_semantic_folder
+from finetune_helpers import (
+    SEMANTIC_CLASSES,
+    TINY,
+    write_coco_instances,
+    write_coco_panoptic,
+    write_id2label,
+    write_semantic_folder,
+)
 
 from maskformers import cli
 from maskformers.training import builtin
@@ -349,8 +356,8 @@ def test_input_errors_are_one_line_with_exit_code_2(semantic, tmp_path, capsys):
 def test_empty_polygon_list_is_a_bad_sample(semantic, tmp_path, capsys):
     def args(name, bad):
         write_coco_instances(tmp_path / name, tmp_path / f"{name}.json", n=8, empty_polygon_in=bad)
-        return ["--model", semantic / "tiny-model", "--data", "coco-instance", "--images", tmp_path / name, "--annotations",
-                tmp_path / f"{name}.json", "--task", "instance", *FAST]
+        return ["--model", semantic / "tiny-model", "--data", "coco-instance", "--images", tmp_path / name,
+                "--annotations", tmp_path / f"{name}.json", "--task", "instance", *FAST]
 
     rc, err = _train(capsys, *args("all-bad", tuple(range(8))), "--out", tmp_path / "raise")
     assert rc == 2 and "Traceback" not in err
