@@ -69,6 +69,6 @@ def load_builtin_model():
         raise BuiltinModelMissing(
             f"the built-in model is not installed (no {folder / 'model.safetensors'}). Train it with\n"
             f"    maskformers train --recipe builtin --out runs/builtin\n"
-            f"and copy runs/builtin/best/ (model.safetensors + maskformers_config.json) to {folder}/ "
-            "(under 30 minutes on 2 CPU cores), or install a maskformers release that ships it.")
+            f"and copy the files of runs/builtin/best/ to {folder}/ (about 16 minutes of CPU time), or install a "
+            "maskformers release that ships it.")
     return Mask2Former.from_pretrained(folder)
