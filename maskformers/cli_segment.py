@@ -249,7 +249,8 @@ def run_segment(args: argparse.Namespace) -> int:
     try:
         model = from_pretrained(args.model)
         runner = SegmentRunner(
-            model, task=args.task, device=device, dtype=getattr(torch, args.dtype), class_info=args.class_info
+            model, task=args.task, device=device, dtype=getattr(torch, args.dtype), class_info=args.class_info,
+            say=lambda message: print(message, file=sys.stderr),
         )
         if "fuse_labels" in post_kwargs:
             post_kwargs["label_ids_to_fuse"] = _fuse_ids(post_kwargs.pop("fuse_labels"), model.id2label)

@@ -34,7 +34,7 @@ def run_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("push")
     (root / "tiny.json").write_text(json.dumps(TINY))
     out = root / "run"
-    argv = ["train", "--model", str(root / "tiny.json"), *TRAIN_ARGS, "--out", str(out)]
+    argv = ["train", "--from-scratch", str(root / "tiny.json"), *TRAIN_ARGS, "--out", str(out)]
     assert cli.main(argv) == 0
     config = out / "run_config.json"
     if not config.is_file():  # written by newer `maskformers train`; the same keys by hand otherwise
@@ -65,7 +65,8 @@ def test_push_uploads_the_best_model_with_its_card(run_dir, tmp_path):
         assert [c["repo"] for c in hub.commits] == ["alice/tiny-synthetic"]  # one commit
         files = hub.files["alice/tiny-synthetic"]
     assert "pushed" in proc.stdout and f"{hub.url}/alice/tiny-synthetic/commit/" in proc.stdout
-    assert sorted(files) == ["README.md", "maskformers_config.json", "model.safetensors", "run_config.json"]
+    assert sorted(files) == ["README.md", "maskformers_config.json", "model.safetensors", "preprocessor_config.json",
+                             "run_config.json"]
     for name in ("maskformers_config.json", "model.safetensors"):
         assert files[name] == (run_dir / "best" / name).read_bytes()  # best/, not final/
     assert files["run_config.json"] == (run_dir / "run_config.json").read_bytes()

@@ -21,9 +21,9 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     (root / "tiny.json").write_text(json.dumps(TINY))
     out = root / "run"
-    rc = cli.main(["train", "--model", str(root / "tiny.json"), "--data", "synthetic", "--scenes", "8", "--size", "64",
-                   "--steps", "2", "--batch-size", "2", "--num-points", "100", "--eval-every", "2", "--val-scenes", "2",
-                   "--out", str(out), "--quiet"])
+    rc = cli.main(["train", "--from-scratch", str(root / "tiny.json"), "--data", "synthetic", "--scenes", "8",
+                   "--size", "64", "--steps", "2", "--batch-size", "2", "--num-points", "100", "--eval-every", "2",
+                   "--val-scenes", "2", "--out", str(out), "--quiet"])
     assert rc == 0
     return root, out
 
@@ -42,8 +42,8 @@ def test_train_writes_log_checkpoint_and_models(trained, capsys):
 
 def test_resume_continues_to_more_steps(trained):
     root, out = trained
-    rc = cli.main(["train", "--model", str(root / "tiny.json"), "--data", "synthetic", "--scenes", "8", "--size", "64",
-                   "--steps", "3", "--batch-size", "2", "--num-points", "100", "--val-scenes", "0",
+    rc = cli.main(["train", "--from-scratch", str(root / "tiny.json"), "--data", "synthetic", "--scenes", "8",
+                   "--size", "64", "--steps", "3", "--batch-size", "2", "--num-points", "100", "--val-scenes", "0",
                    "--out", str(out), "--resume", "--quiet"])
     assert rc == 0
     assert (out / "checkpoint-00000003.pt").is_file()
@@ -97,9 +97,9 @@ def trained_oneformer(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli-oneformer")
     (root / "oneformer.json").write_text(json.dumps(ONEFORMER))
     out = root / "run"
-    rc = cli.main(["train", "--model", str(root / "oneformer.json"), "--tokenizer", str(clip_bpe_file()), "--data",
-                   "synthetic", "--scenes", "8", "--size", "64", "--steps", "2", "--batch-size", "2", "--num-points",
-                   "100", "--eval-every", "2", "--val-scenes", "2", "--out", str(out), "--quiet"])
+    rc = cli.main(["train", "--from-scratch", str(root / "oneformer.json"), "--tokenizer", str(clip_bpe_file()),
+                   "--data", "synthetic", "--scenes", "8", "--size", "64", "--steps", "2", "--batch-size", "2",
+                   "--num-points", "100", "--eval-every", "2", "--val-scenes", "2", "--out", str(out), "--quiet"])
     assert rc == 0
     return root, out
 
@@ -136,6 +136,6 @@ def test_train_a_oneformer_and_use_it(trained_oneformer, tmp_path, capsys):
         assert rc == 0 and (tmp_path / task / "scene_segments.json").is_file()
 
     capsys.readouterr()
-    assert cli.main(["train", "--model", str(root / "oneformer.json"), "--data", "synthetic", "--scenes", "4", "--size",
-                     "64", "--steps", "1", "--out", str(tmp_path / "none"), "--quiet"]) == 2
-    assert "needs its CLIP tokenizer" in capsys.readouterr().err  # a config alone has no tokenizer
+    rc = cli.main(["train", "--from-scratch", str(root / "oneformer.json"), "--data", "synthetic", "--scenes", "4",
+                   "--size", "64", "--steps", "1", "--out", str(tmp_path / "none"), "--quiet"])
+    assert rc == 2 and "needs its CLIP tokenizer" in capsys.readouterr().err  # a config alone has no tokenizer

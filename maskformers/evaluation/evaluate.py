@@ -1,7 +1,9 @@
 """Run a model over a dataset and compute the standard metrics of a task.
 
-Images are normalised and padded to a multiple of 32 exactly as in training (no resize: resize the
-dataset beforehand for large images), predictions go through the project's post-processing, and:
+Images are preprocessed by the model's own settings (:func:`~maskformers.processing.model_settings.
+image_processor_for`: its ``preprocessor_config``, the rule ``maskformers segment`` follows too), one batch
+holding images of one resized size only, so an image's prediction does not depend on its batch; predictions
+go through the project's post-processing, and:
 
 - panoptic: PQ / SQ / RQ (all, things, stuff) against the samples' segments (crowd segments respected);
 - semantic: mIoU (with fwIoU and pixel accuracy) against the class map (uncovered pixels ignored);
@@ -20,19 +22,20 @@ class (the original's ``is_demo=False`` with its thing filter).
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 
 from ..processing import post_process_instance, post_process_panoptic, post_process_semantic
-from ..training.data import collate, panoptic_map, semantic_map
+from ..processing.model_settings import image_processor_for
+from ..training.data import panoptic_map, semantic_map
 from .coco_ap import MaskAP
 from .panoptic_quality import PanopticQuality
 from .semantic_iou import SemanticIoU
 
 __all__ = ["evaluate_model", "format_table", "format_per_class"]
-
 
 def evaluate_model(
     model: torch.nn.Module,
@@ -75,21 +78,22 @@ def evaluate_model(
     miou = SemanticIoU(num_classes=num_classes, ignore_index=ignore_index) if "semantic" in tasks else None
     ap = MaskAP(class_ids=sorted(thing_ids)) if "instance" in tasks else None
     n = len(reader) if limit is None else min(limit, len(reader))
-    order = range(0, n, batch_size)
+    processor = image_processor_for(model, say=lambda message: print(message, file=sys.stderr))
+    batches = _same_size_batches((reader[i] for i in range(n)), processor, batch_size)
     if progress:
         from tqdm import tqdm
 
-        order = tqdm(order, desc="evaluate", unit="batch")
+        batches = tqdm(batches, desc="evaluate", unit="batch")
     was_training = model.training
     model.eval()
     try:
-        for start in order:
-            samples = [reader[i] for i in range(start, min(start + batch_size, n))]
-            batch = collate([(s, {"labels": s["labels"], "masks": s["masks"]}) for s in samples])
-            pixel_values = batch["pixel_values"].to(device)
+        for samples in batches:
+            inputs = processor([s["image"] for s in samples], device=device)
+            pixel_values = inputs["pixel_values"]
             predict = _predictor(model, pixel_values, prompts)
             sizes = [tuple(s["image"].shape[1:]) for s in samples]
-            common = dict(input_size=tuple(pixel_values.shape[-2:]), image_sizes=sizes, target_sizes=sizes, **post)
+            common = dict(input_size=tuple(pixel_values.shape[-2:]), image_sizes=inputs["image_sizes"].tolist(),
+                          target_sizes=sizes, **post)
             if pq is not None:
                 results = post_process_panoptic(*predict("panoptic"), threshold=threshold, label_ids_to_fuse=fuse,
                                                 overlap_mask_area_threshold=overlap_threshold, **common)
@@ -128,6 +132,21 @@ def evaluate_model(
     if per_class:
         metrics["per_class"] = classes
     return metrics
+
+
+def _same_size_batches(samples: Iterable[dict[str, Any]], processor: Any, batch_size: int):
+    """Lists of at most ``batch_size`` consecutive samples whose images the processor resizes to one size."""
+    batch: list[dict[str, Any]] = []
+    key = None
+    for sample in samples:
+        size = processor.output_size(*sample["image"].shape[1:])
+        if batch and (size != key or len(batch) == batch_size):
+            yield batch
+            batch = []
+        batch.append(sample)
+        key = size
+    if batch:
+        yield batch
 
 
 def _task_prompts(model: torch.nn.Module, tokenizer: Any) -> Callable[[str, int], torch.Tensor] | None:

@@ -201,6 +201,8 @@ class ImageProcessor:
         if config.pop("do_convert_rgb", True) is False:
             raise ValueError("do_convert_rgb=False is not supported: images are always converted to RGB")
         known = set().union(*(getattr(c.__init__, "__kwdefaults__", None) or {} for c in cls.__mro__))
+        if "class_info" not in known:  # class names and thing ids saved beside the settings: not preprocessing
+            config.pop("class_info", None)
         unknown = sorted(set(config) - _IGNORED_KEYS - known)
         if unknown:
             raise ValueError(f"unknown preprocessor config keys: {unknown}")

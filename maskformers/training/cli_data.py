@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["DATA_KINDS", "UsageError", "add_data_arguments", "add_common_data", "add_tokenizer_argument",
-           "build_reader", "has_val", "load_model", "load_tokenizer"]
+           "build_reader", "has_val", "load_model", "new_model", "load_tokenizer", "read_id2label"]
 
 DATA_KINDS = ("synthetic", "coco-panoptic", "coco-instance", "semantic-folder", "hf")
 
@@ -100,10 +100,7 @@ def _build_reader(args: argparse.Namespace, split: str, fallback_labels: dict[in
             raise UsageError("--data coco-panoptic needs --panoptic-dir")
         return CocoPanoptic(arg("images"), arg("panoptic_dir"), arg("annotations"))
     if args.id2label:
-        try:
-            id2label = {int(k): v for k, v in json.loads(Path(args.id2label).read_text()).items()}
-        except (OSError, ValueError, AttributeError) as exc:
-            raise UsageError(f"--id2label {args.id2label}: expected a JSON file {{id: name}} ({exc})") from exc
+        id2label = read_id2label(args.id2label)
     elif fallback_labels:
         id2label = dict(fallback_labels)
     else:
@@ -127,6 +124,27 @@ def _build_reader(args: argparse.Namespace, split: str, fallback_labels: dict[in
                                  reduce_labels=args.reduce_labels, palette=palette, check_labels=check_labels)
 
 
+def read_id2label(path: str) -> dict[int, str]:
+    """``--id2label``: a JSON object ``{"0": "road", ...}`` or a list of names (index = class id), ids 0..K-1."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--id2label {path}: expected a JSON file {{id: name}} ({exc})") from None
+    if isinstance(data, list):
+        data = dict(enumerate(data))
+    if not isinstance(data, dict) or not data:
+        raise UsageError(f"--id2label {path}: expected a JSON object {{id: name}} or a list of names, got "
+                         f"{type(data).__name__ if data else 'nothing'}")
+    try:
+        id2label = {int(k): str(v) for k, v in data.items()}
+    except ValueError:
+        raise UsageError(f"--id2label {path}: keys must be class ids (integers), got {sorted(data)[:5]}") from None
+    if sorted(id2label) != list(range(len(id2label))):
+        raise UsageError(f"--id2label {path}: ids must be 0..{len(id2label) - 1}, each once; got "
+                         f"{sorted(id2label)[:10]}")
+    return id2label
+
+
 def has_val(args: argparse.Namespace) -> bool:
     if args.data == "synthetic":
         return args.val_scenes > 0
@@ -141,24 +159,22 @@ def add_tokenizer_argument(p: argparse.ArgumentParser) -> None:
                         "(default: the checkpoint folder's)")
 
 
-def load_model(spec: str | None, seed: int = 0) -> Any:
-    """The built-in architecture, a new model from a config JSON (``"model_type": "oneformer"`` or OneFormer
-    fields make a OneFormer, else a Mask2Former), or a checkpoint (either model, read from it). A model that
-    cannot be found or loaded (a mistyped folder, a hub id offline, a damaged checkpoint) raises
-    :class:`UsageError` naming ``--model`` and the reason."""
+def load_model(spec: str) -> Any:
+    """A trained model: ``"builtin"`` (the shipped built-in model) or a checkpoint (hub id or folder; either
+    model type, read from it). A model config JSON is refused: it describes an untrained model (``maskformers
+    train --from-scratch CONFIG`` trains one). A model that cannot be found or loaded (a mistyped folder, a hub id
+    offline, a damaged checkpoint) raises :class:`UsageError` naming ``--model`` and the reason."""
     from ..hub import CheckpointError
-    from .builtin import build_builtin_model
+    from .builtin import BuiltinModelMissing, load_builtin_model
 
-    if spec in (None, "builtin"):
-        return build_builtin_model(seed)
-    path = Path(spec)
-    if path.suffix == ".json":
-        if not path.is_file():
-            raise UsageError(f"--model {spec}: no such file")
+    if spec == "builtin":
         try:
-            return _model_from_config(path, seed)
-        except (OSError, ValueError, TypeError, AttributeError) as exc:
-            raise UsageError(f"--model {spec}: {exc}") from exc
+            return load_builtin_model()
+        except BuiltinModelMissing as exc:
+            raise UsageError(str(exc)) from exc
+    if Path(spec).suffix == ".json":
+        raise UsageError(f"--model {spec} is a model config, not a trained model: `maskformers train --from-scratch "
+                         f"{spec}` trains a new model from it")
     from ..hub import from_pretrained
 
     try:
@@ -167,27 +183,46 @@ def load_model(spec: str | None, seed: int = 0) -> Any:
         raise UsageError(f"--model {spec}: {exc}") from exc
 
 
-def _model_from_config(path: Path, seed: int) -> Any:
-    """A new, randomly initialised model from a config JSON (a plain config or a saved maskformers_config)."""
+def new_model(spec: str, *, id2label: dict[int, str], seed: int = 0) -> Any:
+    """A new, randomly initialised model (seeded by ``seed``) for the classes ``id2label``: ``"builtin"`` (the
+    built-in architecture) or a model config JSON (``"model_type": "oneformer"`` or OneFormer fields make a
+    OneFormer, else a Mask2Former; a saved ``maskformers_config.json`` works too)."""
     import torch
 
     from ..models.mask2former import Mask2FormerConfig, build_mask2former
     from ..models.oneformer import OneFormerConfig, build_oneformer
+    from .builtin import build_builtin_model
 
-    fields = json.loads(path.read_text())
+    if spec == "builtin":
+        return build_builtin_model(seed, id2label)
+    path = Path(spec)
+    if not path.is_file():
+        raise UsageError(f"--from-scratch {spec}: no such file (expected 'builtin' or a model config JSON)")
+    try:
+        fields = json.loads(path.read_text())
+    except ValueError as exc:
+        raise UsageError(f"--from-scratch {spec}: not valid JSON ({exc})") from None
+    if not isinstance(fields, dict):
+        raise UsageError(f"--from-scratch {spec}: expected a JSON object of model config fields")
     if isinstance(fields.get("config"), dict):  # a saved maskformers_config.json
         fields = {"model_type": fields.get("model_type"), **fields["config"]}
+    fields = dict(fields)
     model_type = fields.pop("model_type", None)
     if model_type is None:
         own = {f.name for f in dataclasses.fields(OneFormerConfig)} - {f.name for f in
                                                                        dataclasses.fields(Mask2FormerConfig)}
         model_type = "oneformer" if own & set(fields) else "mask2former"
     if model_type not in ("mask2former", "oneformer"):
-        raise ValueError(f"model_type must be 'mask2former' or 'oneformer', got {model_type!r}")
+        raise UsageError(f"--from-scratch {spec}: model_type must be 'mask2former' or 'oneformer', got {model_type!r}")
+    fields["num_classes"] = len(id2label)
+    config_class, build = ((OneFormerConfig, build_oneformer) if model_type == "oneformer"
+                           else (Mask2FormerConfig, build_mask2former))
+    try:
+        config = config_class.from_dict(fields)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"--from-scratch {spec}: {exc}") from None
     torch.manual_seed(seed)
-    if model_type == "oneformer":
-        return build_oneformer(OneFormerConfig.from_dict(fields))
-    return build_mask2former(Mask2FormerConfig.from_dict(fields))
+    return build(config, id2label=id2label)
 
 
 def load_tokenizer(spec: str | None, model: Any) -> Any:

@@ -87,8 +87,12 @@ def label_map_to_sample(image: torch.Tensor, label: np.ndarray, *, num_classes: 
     present = [int(c) for c in classes.unique().tolist() if c != ignore_index]
     bad = [c for c in present if not 0 <= c < num_classes]
     if bad:
+        hint = ""
+        if not reduce_labels and bad == [num_classes]:
+            hint = ("; ids look 1-based (0 = background or other?): --reduce-labels (reduce_labels=True) makes 0 "
+                    "ignored and shifts the others down by one")
         raise SampleError(f"{source}: unknown class id(s) {bad} in the label map; expected 0..{num_classes - 1} "
-                          f"or ignore_index={ignore_index}")
+                          f"or ignore_index={ignore_index}{hint}")
     masks = torch.stack([classes == c for c in present]) if present else torch.zeros(0, *classes.shape, dtype=bool)
     return {"image": image, "masks": masks, "labels": torch.tensor(present, dtype=torch.int64),
             "iscrowd": torch.zeros(len(present), dtype=torch.bool), "source": source}
