@@ -57,12 +57,15 @@ def _class_info(model: nn.Module, processor: Any) -> Any:
     return None if info is None else load_class_info(info)
 
 
-def _check_padding(processor: Any) -> None:
-    if processor.size_divisibility:
-        raise ValueError(f"cannot export to transformers: preprocessor size_divisibility="
-                         f"{processor.size_divisibility}: transformers' image processors pad to the largest image "
-                         "of the batch only, so the exported model would see other inputs; set it to 0 in "
-                         "model.preprocessor_config to export")
+def _padding_notes(processor: Any) -> list[str]:
+    """What changes when the processor pads to a multiple (training pads its batches to 32, so fine-tuned models
+    are evaluated that way): transformers' processors pad to the batch's largest image only."""
+    if not processor.size_divisibility:
+        return []
+    return [f"preprocessor size_divisibility={processor.size_divisibility} has no transformers equivalent: the "
+            "exported processor pads to the largest image of the batch only, so on images whose sides are not "
+            f"multiples of {processor.size_divisibility} transformers' predictions differ slightly from maskformers' "
+            "(same weights; identical where the sides are multiples)"]
 
 
 def hf_preprocessor_config(model: nn.Module) -> tuple[dict[str, Any], list[str]]:
@@ -73,14 +76,12 @@ def hf_preprocessor_config(model: nn.Module) -> tuple[dict[str, Any], list[str]]
     config, settings = model.config, getattr(model, "preprocessor_config", None)
     if config.model_type == "mask2former":
         processor = ImageProcessor.from_dict(settings) if settings else ImageProcessor()
-        _check_padding(processor)
         out = {"image_processor_type": "Mask2FormerImageProcessor", **_image_settings(processor.to_dict()),
                "size_divisor": processor.size_divisor}
         if processor.pad_size is not None:
             out["pad_size"] = dict(processor.pad_size)
-        return out, []
+        return out, _padding_notes(processor)
     processor = OneFormerProcessor.from_dict(settings) if settings else OneFormerProcessor()
-    _check_padding(processor)
     if processor.size_divisor:
         raise ValueError(f"cannot export to transformers: preprocessor size_divisor={processor.size_divisor}: "
                          "transformers' OneFormerImageProcessor does not round sizes to a divisor")
@@ -95,7 +96,7 @@ def hf_preprocessor_config(model: nn.Module) -> tuple[dict[str, Any], list[str]]
            "num_text": processor.num_text or config.num_queries - config.text_n_ctx,
            "task_seq_length": processor.task_seq_length, "max_seq_length": processor.max_seq_length,
            "class_info_file": ""}
-    notes = []
+    notes = _padding_notes(processor)
     info = _class_info(model, processor)
     if info is None:
         notes.append("no class info (names, thing ids) travels with this OneFormer: transformers' OneFormerProcessor "

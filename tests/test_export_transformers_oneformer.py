@@ -190,18 +190,15 @@ def test_tokenizer_and_class_info_travel_from_a_transformers_folder(tmp_path, to
 
 # ----------------------------------------------------------------------------- a model fine-tuned with our trainer
 def test_model_fine_tuned_with_our_trainer_exports(tmp_path, tokenizer):
-    from maskformers.training.cli_train import _package_oneformer
-    from maskformers.training.config import TrainingConfig
-    from maskformers.training.finetune import replace_class_head
-    from maskformers.training.loop import train
-    from maskformers.training.oneformer_data import OneFormerTrainingDataset, num_text_for
+    """The user's path: ``maskformers.finetune`` writes final/ with the tokenizer, class info and processor settings
+    (padding to 32, as training did); that folder exports (warning about the text mapper and the padding) and
+    transformers gives the same logits on a 64x64 input."""
     from maskformers.training.synthetic import SyntheticScenes
 
     ours = ours_tiny(seed=8, hidden_dim=32, conv_dim=32, mask_dim=32, num_heads=2, with_text_mapper=True,
                      text_width=32, text_heads=2, text_context_length=16, text_n_ctx=2, text_vocab_size=49408,
                      query_dropout=0.0)  # the trainer's tests' tiny OneFormer
     labels = {0: "thing", 1: "stuff"}
-    replace_class_head(ours, labels)
 
     class TwoClasses:  # synthetic scenes, things vs stuff
         id2label, thing_ids = labels, frozenset({0})
@@ -215,21 +212,22 @@ def test_model_fine_tuned_with_our_trainer_exports(tmp_path, tokenizer):
             s["labels"] = (s["labels"] >= 4).long()
             return s
 
-    data = OneFormerTrainingDataset(TwoClasses(), tokenizer=tokenizer, num_text=num_text_for(ours), text_seq_len=16)
-    before = {k: v.clone() for k, v in ours.state_dict().items()}
-    train(ours, data, config=TrainingConfig(max_steps=2, batch_size=2, num_points=100, log_every=1, lr=1e-3),
-          progress=False)
-    assert any(not torch.equal(before[k], v) for k, v in ours.state_dict().items())
-    _package_oneformer(ours, tokenizer, data, 64)  # what `maskformers train` saves beside the weights
-    ours.eval()
-    with pytest.warns(UserWarning, match="the text mapper .* is not exported"):
-        ours.save_pretrained(tmp_path / "hf", format="transformers")  # the tokenizer came with _package_oneformer
+    before = {k: v.clone() for k, v in ours.state_dict().items() if not k.startswith("transformer_decoder.head")}
+    result = maskformers.finetune(ours, TwoClasses(), out=tmp_path / "run", tokenizer=tokenizer, crop_size=64,
+                                  max_steps=2, batch_size=2, num_points=100, log_every=1, lr=1e-3, progress=False)
+    tuned = maskformers.from_pretrained(result.final).eval()
+    assert any(not torch.equal(v, tuned.state_dict()[k]) for k, v in before.items())
+    with pytest.warns(UserWarning) as record:
+        tuned.save_pretrained(tmp_path / "hf", format="transformers")  # the tokenizer travelled in final/
+    messages = " | ".join(str(w.message) for w in record)
+    assert "the text mapper" in messages and "is not exported" in messages
+    assert "size_divisibility=32 has no transformers equivalent" in messages
     hf = load_hf(OneFormerHF, tmp_path / "hf")
     assert hf.config.id2label == labels and not hf.config.is_training
     assert transformers.OneFormerProcessor.from_pretrained(tmp_path / "hf").image_processor.metadata["thing_ids"] == [0]
-    check_logits(ours, hf, torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(8)))
+    check_logits(tuned, hf, torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(8)))
     with pytest.raises(ValueError, match=r"text_heads=2: transformers' text encoder has text_width // 64 = 0 heads"):
-        ours.save_pretrained(tmp_path / "with-mapper", format="transformers", with_text_mapper=True)
+        tuned.save_pretrained(tmp_path / "with-mapper", format="transformers", with_text_mapper=True)
 
 
 # ----------------------------------------------------------------------------- refusals
