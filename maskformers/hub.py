@@ -46,6 +46,7 @@ __all__ = [
     "load_state_dict_strict",
     "model_type_api",
     "read_weights",
+    "builtin_folder",
     "resolve_checkpoint",
     "save_pretrained",
 ]
@@ -146,7 +147,11 @@ def resolve_checkpoint(
 
     A name that can only be a local path (absolute, starting with ``.`` or ``~``, more than one ``/``) or
     whose first part is an existing local folder (``runs/bset`` beside ``runs/``) is never looked up on the
-    hub: when it is missing the error says "no such folder" and what its parent holds."""
+    hub: when it is missing the error says "no such folder" and what its parent holds. ``"builtin"`` is the
+    shipped built-in model (unless a local folder has that name), as in the command line's ``--model builtin``."""
+    builtin = builtin_folder(name_or_path)
+    if builtin is not None:
+        return builtin
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
@@ -171,6 +176,16 @@ def resolve_checkpoint(
             "pass a local folder with config.json and model.safetensors or pytorch_model.bin instead"
         ) from exc
     return folder
+
+
+def builtin_folder(name_or_path: str | os.PathLike) -> Path | None:
+    """The shipped built-in model's folder when ``name_or_path`` is ``"builtin"`` and no local folder has that
+    name, else None."""
+    if os.fspath(name_or_path) != "builtin" or Path("builtin").exists():
+        return None
+    from .training.builtin import builtin_model_dir
+
+    return builtin_model_dir()
 
 
 def _no_such_folder(path: Path, *, hub_like: bool) -> str:

@@ -26,6 +26,7 @@ from mask2former_helpers import (
     our_predictions,
     tiny_hf_config,
 )
+import maskformers
 from maskformers.convert import convert
 from maskformers.hub import CheckpointError, from_pretrained
 
@@ -510,3 +511,19 @@ def test_config_value_of_the_wrong_type_names_key_and_file(hf_folder, tmp_path):
             load_mask2former(folder)
         assert key in str(info.value) and repr(value) in str(info.value)
         assert "config.json" in str(info.value) or "Mask2FormerConfig" in str(info.value)
+
+
+def test_builtin_names_the_shipped_model_unless_a_local_folder_does(tmp_path, monkeypatch):
+    from maskformers.training.builtin import builtin_model_dir, load_builtin_model
+
+    model = maskformers.from_pretrained("builtin")
+    shipped = load_builtin_model()
+    assert model.state_dict().keys() == shipped.state_dict().keys()
+    assert all(torch.equal(v, shipped.state_dict()[k]) for k, v in model.state_dict().items())
+    processor = maskformers.ImageProcessor.from_pretrained("builtin")
+    assert processor.to_dict() == maskformers.ImageProcessor.from_pretrained(builtin_model_dir()).to_dict()
+    assert processor.size == {"max_height": 128, "max_width": 128} and processor.size_divisibility == 32
+    monkeypatch.chdir(tmp_path)  # a folder of the user's named "builtin" wins
+    (tmp_path / "builtin").mkdir()
+    with pytest.raises(CheckpointError, match="builtin"):
+        maskformers.from_pretrained("builtin")

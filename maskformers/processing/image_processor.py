@@ -212,10 +212,13 @@ class ImageProcessor:
     def from_pretrained(
         cls, source: str | os.PathLike | dict[str, Any], *, revision: str | None = None
     ) -> "ImageProcessor":
-        """From a config dict, a ``preprocessor_config.json`` file, a folder holding one, or a hub id."""
+        """From a config dict, a ``preprocessor_config.json`` file, a folder holding one, a hub id, or ``"builtin"``
+        (the shipped built-in model's)."""
         if isinstance(source, dict):
             return cls.from_dict(source)
-        path = os.fspath(source)
+        from ..hub import builtin_folder
+
+        path = os.fspath(builtin_folder(source) or source)
         if os.path.isdir(path):
             path = os.path.join(path, CONFIG_NAME)
             if not os.path.isfile(path):

@@ -190,7 +190,9 @@ class OneFormerProcessor(ImageProcessor):
         ``tokenizer.json``). ``class_info`` (dict or JSON path) defaults to the config's ``metadata``, else its
         ``class_info_file`` when that file sits in the folder; it is never downloaded (see
         ``maskformers.processing.class_info``)."""
-        folder = os.fspath(source)
+        from ..hub import builtin_folder
+
+        folder = os.fspath(builtin_folder(source) or source)
         if not os.path.isdir(folder):
             from huggingface_hub import hf_hub_download  # only for hub ids
 
