@@ -59,3 +59,24 @@ def clip_tokenizer_folder(folder: Path) -> Path:
     for name, content in CLIPTokenizer.from_bpe_file(clip_bpe_file()).files().items():
         (folder / name).write_bytes(content)
     return folder
+
+
+def write_tiny_oneformer_checkpoint(folder: Path, *, seed: int = 5) -> Path:
+    """A small OneFormer in the hub's layout (transformers ``save_pretrained`` of a perturbed random-init model,
+    CLIP's ``vocab.json`` + ``merges.txt``, a ``preprocessor_config.json`` with a 64-128 px resize): what a
+    ``shi-labs/oneformer_*`` download holds, for offline tests of code that loads one."""
+    import torch
+    from mask2former_helpers import perturb_, swin_config
+    from transformers import OneFormerConfig, OneFormerForUniversalSegmentation
+
+    config = OneFormerConfig(
+        backbone_config=swin_config(), hidden_dim=64, conv_dim=64, mask_dim=64, num_attention_heads=4,
+        encoder_feedforward_dim=32, dim_feedforward=48, num_queries=10, num_labels=4, decoder_layers=3,
+        encoder_layers=1, id2label={0: "cat", 1: "dog", 2: "sky", 3: "road"})
+    torch.manual_seed(seed)
+    perturb_(OneFormerForUniversalSegmentation(config), seed=seed, scale=0.5).eval().save_pretrained(folder)
+    write_clip_vocab(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps({
+        "size": {"shortest_edge": 64, "longest_edge": 128}, "num_text": 6,
+        "image_processor_type": "OneFormerImageProcessor", "processor_class": "OneFormerProcessor"}))
+    return folder

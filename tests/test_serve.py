@@ -81,24 +81,11 @@ def test_page_logic_matches_the_segment_command(segmenter, scene_png, tmp_path):
 
 
 def test_page_logic_with_a_oneformer_uses_the_task_prompt(scene_png, tmp_path):
-    import torch
-    from mask2former_helpers import perturb_, swin_config
-    from oneformer_helpers import write_clip_vocab
-    from transformers import OneFormerConfig, OneFormerForUniversalSegmentation
+    from oneformer_helpers import write_tiny_oneformer_checkpoint
 
     from maskformers import from_pretrained
 
-    folder = tmp_path / "oneformer"
-    config = OneFormerConfig(
-        backbone_config=swin_config(), hidden_dim=64, conv_dim=64, mask_dim=64, num_attention_heads=4,
-        encoder_feedforward_dim=32, dim_feedforward=48, num_queries=10, num_labels=4, decoder_layers=3,
-        encoder_layers=1, id2label={0: "cat", 1: "dog", 2: "sky", 3: "road"})
-    torch.manual_seed(5)
-    perturb_(OneFormerForUniversalSegmentation(config), seed=5, scale=0.5).eval().save_pretrained(folder)
-    write_clip_vocab(folder)
-    (folder / "preprocessor_config.json").write_text(json.dumps({
-        "size": {"shortest_edge": 64, "longest_edge": 128}, "num_text": 6,
-        "image_processor_type": "OneFormerImageProcessor", "processor_class": "OneFormerProcessor"}))
+    folder = write_tiny_oneformer_checkpoint(tmp_path / "oneformer")
     oneformer = Segmenter(from_pretrained(folder), name="tiny-oneformer")
     assert oneformer.is_oneformer and oneformer.prompt("instance") == "the task is instance"
     result = oneformer(str(scene_png), "semantic")
