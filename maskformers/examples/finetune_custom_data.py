@@ -37,7 +37,7 @@ from maskformers.training.synthetic_files import write_coco_panoptic, write_id2l
 
 MODEL = os.environ.get("MASKFORMERS_EXAMPLE_MODEL", "builtin")
 STEPS = int(os.environ.get("MASKFORMERS_EXAMPLE_STEPS", "100"))
-IMAGES = int(os.environ.get("MASKFORMERS_EXAMPLE_IMAGES", "48"))  # training images per dataset (1/4 as many to validate)
+IMAGES = int(os.environ.get("MASKFORMERS_EXAMPLE_IMAGES", "48"))  # training images per dataset (val: a quarter)
 WORK = Path(os.environ.get("MASKFORMERS_EXAMPLE_OUT", "example-outputs/finetune"))
 DATA, RUNS = WORK / "data", WORK / "runs"
 for run in ("sem", "coco"):  # one run per folder: rerunning this example starts over
