@@ -186,7 +186,10 @@ def test_check_data_reports_every_problem_at_once(tmp_path, capsys):
     assert report["classes"]["1"]["pixels"] == int((ids == 1).sum()) and report["void_pixels"] == 48
     written = sorted(p.name for p in out.iterdir())
     assert written == ["00000_a_good.png", "00004_e_empty.png"]
-    good, empty = (np.asarray(PIL.Image.open(out / name).convert("RGB"))[:6, :8].astype(int) for name in written)
+    # the 6x8 images are enlarged to 512 rows (8 * 512 / 6 = 683 columns), the legend beside them
+    views = [PIL.Image.open(out / name).convert("RGB") for name in written]
+    assert [v.height for v in views] == [512, 512] and all(v.width > 683 for v in views)
+    good, empty = (np.asarray(v)[:, :683].astype(int) for v in views)
     assert (good != 90).any(-1).mean() > 0.5  # a_good is labelled everywhere: painted (tags drawn over a few)
     assert (empty == 90).all()  # nothing labelled: the image as it is
 

@@ -44,16 +44,23 @@ def add_check_data_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
+_OVERLAY_HEIGHT = 512  # small images are enlarged to this height in the overlays
+
+
 def _overlay(sample: dict[str, Any], id2label: dict[int, str], path: Path) -> None:
-    """The ground truth drawn over its image: one colour per class, outlines and a tag per segment."""
-    from ..processing.visualize import overlay_segments
+    """The ground truth drawn over its image: one colour per class, outlines and a tag per segment; an image
+    under 512 px high is enlarged to 512 (nearest neighbour, so the view shows the labels pixel for pixel)."""
+    from ..processing.visualize import overlay_segments, scale_for_display
     from .data import panoptic_map
 
     segmentation, info = panoptic_map(sample)
     segments = [{"id": s["id"], "label_id": s["category_id"], "colour_key": s["category_id"]} for s in info]
     names = {**id2label, **{s["category_id"]: f"{id2label.get(s['category_id'], s['category_id'])} (crowd)"
                             for s in info if s["iscrowd"]}}
-    overlay_segments(sample["image"], segmentation, segments, id2label=names).save(path)
+    image = sample["image"]
+    if image.shape[-2] < _OVERLAY_HEIGHT:
+        image, (segmentation,) = scale_for_display(image, [segmentation], height=_OVERLAY_HEIGHT)
+    overlay_segments(image, segmentation, segments, id2label=names).save(path)
 
 
 def check_reader(reader: Any, *, limit: int | None = None, overlays: int = 0, overlay_dir: Path | None = None,
