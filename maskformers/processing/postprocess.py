@@ -162,11 +162,10 @@ def _to_host(tensors: Sequence[torch.Tensor]) -> list[list[float]]:
     return out
 
 
-def _first(keep: torch.Tensor, count: int) -> torch.Tensor:
-    """The indices of the ``count`` True entries of ``keep`` (n,), ascending, found on keep's device (no
-    ``nonzero``, whose output size the host would have to wait for)."""
-    order = torch.argsort(keep.logical_not().to(torch.uint8), stable=True)  # kept first, in order
-    return order[:count]
+def _kept_first(keep: torch.Tensor) -> torch.Tensor:
+    """A permutation of 0 .. n-1 that lists the True entries of ``keep`` (n,) first, each part in order: with
+    the count of True entries known, its head is ``nonzero()`` computed without the host waiting for it."""
+    return torch.argsort(keep.logical_not().to(torch.uint8), stable=True)
 
 
 def _label_table(labels: Iterable[int] | None, num_classes: int, device: torch.device) -> torch.Tensor | None:
@@ -276,7 +275,7 @@ def post_process_panoptic(
         if not counts[i]:
             segmentations.append(torch.zeros(geometry.target, dtype=torch.int32, device=mask_logits.device))
             continue
-        kept = _first(keep[i], int(counts[i]))
+        kept = _kept_first(keep[i])[: int(counts[i])]
         kept_logits = mask_logits[i].index_select(0, kept)  # (N, h, w)
         segmentation, decided = _segments(
             geometry, lambda part: geometry.working(kept_logits[part]).sigmoid(), all_scores[i, kept],
@@ -341,7 +340,7 @@ def _kept_candidates(image_candidates, batch: int, things) -> tuple[list[tuple[t
         scores, labels, queries, keep = image_candidates(i)
         if things is not None:
             keep = keep & things[labels]
-        order = torch.argsort(keep.logical_not().to(torch.uint8), stable=True)  # kept first, in order
+        order = _kept_first(keep)
         pairs.append((scores[order], labels[order], queries[order]))
         kept.append(keep.sum())
     counts = _to_host([torch.stack(kept)])[0] if kept else []
@@ -442,6 +441,6 @@ def _instance_mask2former(class_logits, mask_logits, geometries, threshold, thin
         result = {"segmentation": segmentation, "segments_info": info}
         if return_masks:
             masks = torch.cat(mask_parts) if mask_parts else present.new_zeros((0, *segmentation.shape))
-            result["masks"] = masks.index_select(0, _first(present, len(info)))
+            result["masks"] = masks.index_select(0, _kept_first(present)[: len(info)])
         results.append(result)
     return results
