@@ -3,13 +3,16 @@ OneFormer on every shipped backbone (Swin, ResNet, ConvNeXt, DiNAT), under autoc
 recompile across batch sizes; and no host round trip in the forward (what CUDA graphs need).
 
 Backends: ``"eager"`` proves what Dynamo traces (a graph break or a data-dependent host read fails
-``fullgraph=True``), ``"aot_eager"`` adds AOT autograd and the custom ops' fake implementations; inductor
-code generation is exercised by ``benchmarks/gpu_suite.py``. Host round trips: the forward runs on the meta
-device (no data at all) under ``HostSyncCounter``, which also sees host-to-device copies."""
+``fullgraph=True``), ``"aot_eager"`` adds AOT autograd and the custom ops' fake implementations. Inductor's
+code generation takes 95 s for the tiny model on a 2-core CPU (cold cache), too long for CI:
+``MASKFORMERS_INDUCTOR_TESTS=1`` runs it here, and ``benchmarks/gpu_suite.py`` compiles the real models with
+inductor on a GPU. Host round trips: the forward runs on the meta device (no data at all) under
+``HostSyncCounter``, which also sees host-to-device copies."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
 
 import pytest
@@ -132,3 +135,14 @@ def test_token_ids_are_checked_without_a_host_read_when_compiled():
         encoder(bad)
     with pytest.raises(RuntimeError, match=r"task_inputs must be token ids in \[0, 2\*\*24\)"):
         compiled(bad)
+
+
+@pytest.mark.skipif(os.environ.get("MASKFORMERS_INDUCTOR_TESTS", "") in ("", "0"),
+                    reason="inductor code generation takes ~95 s on a 2-core CPU; MASKFORMERS_INDUCTOR_TESTS=1 runs it")
+def test_inductor_compile_matches_eager():
+    model = tiny_model("mask2former", "swin")
+    x = torch.randn(1, 3, 64, 64)
+    compiled = torch.compile(model, fullgraph=True, dynamic=False)
+    got, expected = flat_outputs(_forward(compiled, x, "float32")), flat_outputs(_forward(model, x, "float32"))
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
