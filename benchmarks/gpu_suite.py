@@ -409,16 +409,24 @@ def run_model_case(s: Suite, kind: str, config, batch: int, size: int, *, extras
     ours.to(torch.bfloat16)
     record("maskformers", "bf16", lambda: ours(*bf16_inputs))
     if s.cuda:
-        with torch.inference_mode():
-            replay = cuda_graph(lambda: ours(*bf16_inputs))
-        s.row("model", case, "maskformers bf16 eager, CUDA graph", s.time_ms(replay))
+        graph_row(s, case, "maskformers bf16 eager, CUDA graph", lambda: ours(*bf16_inputs))
     fn, seconds = compiled(ours, fullgraph=True)
     record("maskformers", f"bf16 compiled (compile {seconds} s)", lambda: fn(*bf16_inputs))
     if s.cuda:
-        with torch.inference_mode():
-            replay = cuda_graph(lambda: fn(*bf16_inputs))
-        s.row("model", case, "maskformers bf16 compiled, CUDA graph", s.time_ms(replay))
+        graph_row(s, case, "maskformers bf16 compiled, CUDA graph", lambda: fn(*bf16_inputs))
     torch._dynamo.reset()
+
+
+def graph_row(s: Suite, case: str, mode: str, fn: Callable[[], object]) -> None:
+    """Capture ``fn`` in a CUDA graph and time its replay; a failed capture is a row that says why."""
+    try:
+        with torch.inference_mode():
+            replay = cuda_graph(fn)
+    except RuntimeError as exc:
+        torch.cuda.synchronize()
+        s.row("model", case, mode, None, capture_error=str(exc)[:1000])
+        return
+    s.row("model", case, mode, s.time_ms(replay))
 
 
 def section_no_host_sync(s: Suite) -> None:
@@ -431,12 +439,14 @@ def section_no_host_sync(s: Suite) -> None:
             ours(*inputs)  # kernels loaded, caches warm
             s.sync()
             torch.cuda.set_sync_debug_mode("error")
+            error = None
             try:
                 ours(*inputs)
-                ok = True
+            except RuntimeError as exc:  # the message names the synchronising call
+                error = str(exc)[:1000]
             finally:
                 torch.cuda.set_sync_debug_mode("default")
-        s.row("correctness", f"{kind} forward without host sync", "eager", ok=ok)
+        s.row("correctness", f"{kind} forward without host sync", "eager", ok=error is None, error=error)
 
 
 def section_models(s: Suite, cases: list[tuple[int, int]], *, extras: bool = False) -> None:
