@@ -1,7 +1,8 @@
 """The one command to run on a GPU machine: build, check and time everything GPU-related, in one go.
 
-    python benchmarks/gpu_suite.py                      # everything, about 7 minutes on one H100/H200
-    python benchmarks/gpu_suite.py --quick              # the headline rows only (640x640 batch 1), ~3 minutes
+    python benchmarks/gpu_suite.py                      # everything, within --budget (450 s by default)
+    python benchmarks/gpu_suite.py --quick              # without the 1024x1024 batch-8 rows and the extras
+    python benchmarks/gpu_suite.py --only ops training  # some sections again
     python benchmarks/gpu_suite.py --device cpu --smoke # tiny models and shapes on the CPU, seconds (a test runs it)
 
 Sections, in priority order (each in its own try/except: an error is recorded in the JSON and the suite goes
