@@ -249,3 +249,21 @@ def test_keyed_points_make_each_image_independent_of_its_batch():
     assert not torch.equal(other["loss_mask"], whole["loss_mask"])
     with pytest.raises(ValueError, match="one image key per image"):
         crit(outputs, targets, image_keys=[1])
+
+
+@pytest.mark.parametrize("keyed", [False, True])
+def test_host_waits_do_not_grow_with_the_batch(keyed):
+    """On a GPU the loss may wait for the device only for the cost matrices (scipy solves them on the host)
+    and the label check, once per batch: no value read, value-sized op or copy per image or per level.
+    HostSyncCounter counts them on the CPU (see host_sync_helpers)."""
+    from host_sync_helpers import HostSyncCounter
+
+    events = []
+    for batch in (1, 4):
+        outputs, targets = _case(7, batch=batch, counts=(3, 5, 0, 2)[:batch], levels=3)
+        criterion = MaskFormerCriterion(num_classes=5, num_points=500, matcher=HungarianMatcher(num_points=500))
+        with HostSyncCounter() as counter:
+            criterion(outputs, targets, image_keys=list(range(batch)) if keyed else None)
+        events.append(dict(counter.events))
+    assert events[0] == events[1], f"batch 1: {events[0]}, batch 4: {events[1]}"
+    assert sum(events[1].values()) <= 3, events[1]

@@ -11,7 +11,6 @@ pixel of a large map; only the value projection and the op's value input follow 
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Sequence
 
@@ -21,19 +20,19 @@ from torch import nn
 
 from ..ops import ms_deform_attn
 from ..ops.validation import coord_dtype
+from .autocast import autocast_disabled, autocast_enabled
 
 __all__ = ["MSDeformAttn"]
 
 
-def _autocast_on(device_type: str) -> bool:
-    # devices without autocast (meta, for shape inference and deferred init) are never under it
-    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
-
-
-def _no_autocast(device_type: str) -> contextlib.AbstractContextManager:
-    if torch.amp.is_autocast_available(device_type):
-        return torch.autocast(device_type, enabled=False)
-    return contextlib.nullcontext()
+def _level_sizes(shapes: Sequence[tuple[int, int]], *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(L, 2) rows (w, h) on ``device``, written by fill kernels: ``torch.tensor(rows, device="cuda")``
+    would copy from host memory, which waits for the GPU and cannot be captured in a CUDA graph."""
+    sizes = torch.empty(len(shapes), 2, dtype=dtype, device=device)
+    for level, (h, w) in enumerate(shapes):
+        sizes[level, 0] = w
+        sizes[level, 1] = h
+    return sizes
 
 
 class MSDeformAttn(nn.Module):
@@ -96,11 +95,11 @@ class MSDeformAttn(nn.Module):
     def _offsets_and_weights(self, query: torch.Tensor, cdt: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw offsets (B, Q, H*L*P*2) and softmax weights (B, Q, H, L*P), both in ``cdt``."""
         B, Q, _ = query.shape
-        if query.dtype == cdt and not _autocast_on(query.device.type):
+        if query.dtype == cdt and not autocast_enabled(query.device.type):
             offsets = self.sampling_offsets(query)
             logits = self.attention_weights(query)
         else:
-            with _no_autocast(query.device.type):
+            with autocast_disabled(query.device.type):
                 q = query.to(cdt)
                 offsets = F.linear(q, self.sampling_offsets.weight.to(cdt), self.sampling_offsets.bias.to(cdt))
                 logits = F.linear(q, self.attention_weights.weight.to(cdt), self.attention_weights.bias.to(cdt))
@@ -165,13 +164,13 @@ class MSDeformAttn(nn.Module):
 
         cdt = coord_dtype(v.dtype)
         offsets, weights = self._offsets_and_weights(query, cdt)
-        with _no_autocast(query.device.type):
+        with autocast_disabled(query.device.type):
             # offsets are in pixels of each level, x first: divide by (w, h), laid out as the offsets'
             # trailing (H, L, P, 2) dims so the division streams without inner-dim broadcasting
             if isinstance(spatial_shapes, torch.Tensor):
                 normalizer = spatial_shapes.flip(-1).to(device=query.device, dtype=cdt)  # (L, 2) rows (w, h)
             else:
-                normalizer = torch.tensor([[w, h] for h, w in spatial_shapes], dtype=cdt, device=query.device)
+                normalizer = _level_sizes(spatial_shapes, dtype=cdt, device=query.device)
             normalizer = normalizer[None, :, None, :].expand(H, L, P, 2).contiguous()
             ref = reference_points.to(cdt)[:, :, None, :, None, :]  # (B or 1, Q, 1, L, 1, 2)
             locations = (offsets.view(B, Q, H, L, P, 2) / normalizer).add_(ref)  # (B, Q, H, L, P, 2)

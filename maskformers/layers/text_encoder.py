@@ -15,7 +15,24 @@ from torch import nn
 
 from .attention import MultiHeadAttention
 
-__all__ = ["TextEncoder", "TextEncoderLayer", "quick_gelu"]
+__all__ = ["TextEncoder", "TextEncoderLayer", "check_token_range", "quick_gelu"]
+
+
+def check_token_range(ids: torch.Tensor, high: int, what: str) -> None:
+    """Raise unless every integer in ``ids`` is in [0, ``high``); ``what`` starts the message.
+
+    On the CPU the values are read and a ``ValueError`` names the range found. Elsewhere (a GPU), and while
+    compiling, reading them would make the host wait for the device: a device-side assertion checks them
+    instead (a ``RuntimeError`` at the next synchronisation), which CUDA graphs can capture too.
+    """
+    if ids.numel() == 0:
+        return
+    if ids.device.type == "cpu" and not torch.compiler.is_compiling():
+        low, top = int(ids.min()), int(ids.max())
+        if low < 0 or top >= high:
+            raise ValueError(f"{what}, got values in [{low}, {top}]")
+    else:
+        torch._assert_async(((ids >= 0) & (ids < high)).all(), what)
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -35,7 +52,8 @@ class TextEncoderLayer(nn.Module):
         self.norm1 = nn.LayerNorm(width)
         self.attn = MultiHeadAttention(embed_dim=width, num_heads=num_heads)
         self.norm2 = nn.LayerNorm(width)
-        self.mlp = nn.ModuleDict({"fc1": nn.Linear(width, width * mlp_ratio), "fc2": nn.Linear(width * mlp_ratio, width)})
+        hidden = width * mlp_ratio
+        self.mlp = nn.ModuleDict({"fc1": nn.Linear(width, hidden), "fc2": nn.Linear(hidden, width)})
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x (N, L, C); attn_mask (L, L) bool, True = may attend, or None. Returns (N, L, C)."""
@@ -100,10 +118,7 @@ class TextEncoder(nn.Module):
             raise ValueError(f"expected token_ids (N, {self.context_length}), got {tuple(token_ids.shape)}")
         if token_ids.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"token_ids must be integer token ids, got {token_ids.dtype}")
-        if token_ids.numel() and not torch.compiler.is_compiling():
-            low, high = int(token_ids.min()), int(token_ids.max())
-            if low < 0 or high >= self.vocab_size:
-                raise ValueError(f"token ids must be in [0, {self.vocab_size}), got values in [{low}, {high}]")
+        check_token_range(token_ids, self.vocab_size, f"token ids must be in [0, {self.vocab_size})")
         x = self.token_embedding(token_ids) + self.positional_embedding  # (N, L, C)
         mask = None
         if self.causal:

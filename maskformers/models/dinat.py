@@ -20,7 +20,7 @@ their ``op_backend`` (see ``maskformers.ops.set_backend``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -195,7 +195,8 @@ class DiNATBackbone(nn.Module):
 
         self.patch_embed = ConvTokenizer(in_chans=in_chans, dim=embed_dim, eps=layer_norm_eps)
         self.pos_drop = nn.Dropout(drop_rate)
-        rates = torch.linspace(0, drop_path_rate, sum(depths)).split(depths)
+        # on the CPU explicitly: under `with torch.device("meta")` the rates must still be readable numbers
+        rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").split(depths)
         self.levels = nn.ModuleList([
             DiNATLevel(
                 blocks=[

@@ -8,13 +8,13 @@ MLP always runs in float32 (the weights upcast, autocast off) and only its outpu
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..layers.autocast import autocast_disabled
 from ..layers.mlp import MLP
+from ..layers.text_encoder import check_token_range
 
 __all__ = ["TaskEncoder"]
 
@@ -41,15 +41,10 @@ class TaskEncoder(nn.Module):
                 f"task_inputs must be integer token ids (int64), got {task_inputs.dtype}: a float tensor may "
                 "already have rounded the ids"
             )
-        if task_inputs.numel() and not torch.compiler.is_compiling():
-            low, high = int(task_inputs.min()), int(task_inputs.max())
-            if low < 0 or high >= _EXACT:
-                raise ValueError(f"task_inputs must be token ids in [0, 2**24) (exact in float32), got values in "
-                                 f"[{low}, {high}]")
+        check_token_range(task_inputs, _EXACT, "task_inputs must be token ids in [0, 2**24) (exact in float32)")
         out_dtype = self.mlp.layers[0].weight.dtype
         x = task_inputs.to(torch.float64 if out_dtype == torch.float64 else torch.float32)
-        autocast = torch.amp.is_autocast_available(x.device.type)
-        with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext():
+        with autocast_disabled(x.device.type):
             last = len(self.mlp.layers) - 1
             for i, layer in enumerate(self.mlp.layers):
                 x = F.linear(x, layer.weight.to(x.dtype), layer.bias.to(x.dtype))

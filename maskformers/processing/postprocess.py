@@ -34,6 +34,11 @@ are read from a panoptic-task prediction (``ClassInfo.thing_ids``, see ``process
 
 Memory grows with the target only through the maps returned and a few target-size buffers: everything that
 reaches target size is resized and reduced ``resample.CHUNK`` queries or classes at a time.
+
+On a GPU the work stays on the device and the host waits for it at most twice per call, whatever the batch
+size: once for how many candidates each image keeps (instance and panoptic; the kept ones are then gathered
+with indices computed on the device), once at the end for the segment lists. Semantic segmentation never
+waits. Segment ids and fusion are decided on the device too.
 """
 
 from __future__ import annotations
@@ -143,10 +148,47 @@ def post_process_semantic(
     return results
 
 
+def _to_host(tensors: Sequence[torch.Tensor]) -> list[list[float]]:
+    """The values of several small tensors as Python lists, in one device-to-host copy (one wait for the GPU).
+
+    Every value is carried as float64: exact for the float32 scores, the labels and the counts here."""
+    if not tensors:
+        return []
+    flat = torch.cat([t.flatten().to(torch.float64) for t in tensors]).tolist()
+    out, start = [], 0
+    for t in tensors:
+        out.append(flat[start : start + t.numel()])
+        start += t.numel()
+    return out
+
+
+def _kept_first(keep: torch.Tensor) -> torch.Tensor:
+    """A permutation of 0 .. n-1 that lists the True entries of ``keep`` (n,) first, each part in order: with
+    the count of True entries known, its head is ``nonzero()`` computed without the host waiting for it."""
+    return torch.argsort(keep.logical_not().to(torch.uint8), stable=True)
+
+
+def _label_table(labels: Iterable[int] | None, num_classes: int, device: torch.device) -> torch.Tensor | None:
+    """(K+1,) bool lookup table of a label set (labels outside [0, K] never match), or None for no set."""
+    if labels is None:
+        return None
+    table = torch.zeros(num_classes + 1, dtype=torch.bool)
+    table[[label for label in labels if 0 <= label <= num_classes]] = True
+    return table.to(device, non_blocking=True)
+
+
 def _count_at_least(maps: torch.Tensor, threshold: float, buffer: torch.Tensor) -> torch.Tensor:
     """(c, H, W) -> (c,) int64 counts of values >= threshold, one plane at a time through ``buffer`` (H, W)
     bool: a (c, H, W) comparison summed at once would make a (c, H, W) int64 copy."""
     return torch.stack([torch.count_nonzero(torch.ge(plane, threshold, out=buffer)) for plane in maps])
+
+
+def _occurrences(index: torch.Tensor, count: int) -> torch.Tensor:
+    """(count,) int64: how often each of 0 .. count-1 occurs in ``index`` (CUDA's ``bincount`` would first
+    read the maximum on the host)."""
+    flat = index.flatten()
+    ones = torch.ones((), dtype=torch.int64, device=index.device).expand(flat.shape)
+    return torch.zeros(count, dtype=torch.int64, device=index.device).scatter_add_(0, flat, ones)
 
 
 def _segments(
@@ -157,40 +199,50 @@ def _segments(
     *,
     mask_threshold: float,
     overlap_mask_area_threshold: float,
-    fuse: set[int],
-) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+    fuse: torch.Tensor | None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Non-overlapping segments from N candidate maps (``make_maps(part)`` -> fresh working-resolution maps
     of candidates ``part``): each pixel goes to the candidate with the largest score-weighted map; a
     candidate becomes a segment when it keeps > ``overlap_mask_area_threshold`` of its own weighted map >=
-    ``mask_threshold``. Returns the (H_t, W_t) int32 map (ids from 1, 0 = none) and the segment entries."""
+    ``mask_threshold``. Candidates whose label is in the ``fuse`` table share the id of the first segment
+    of their label. Returns the (H_t, W_t) int32 map (ids from 1, 0 = none) and, per candidate, on the
+    device: ``labels``, ``scores``, ``new`` (it opens a segment entry) and ``fused`` (its label is fused)."""
+    n = len(scores)
     argmax = RunningArgmax()
-    own_area = torch.empty(len(scores), dtype=torch.int64, device=scores.device)
+    own_area = torch.empty(n, dtype=torch.int64, device=scores.device)
     above = torch.empty(geometry.target, dtype=torch.bool, device=scores.device)  # reused for every plane
-    for part, weighted in geometry.chunked(len(scores), make_maps):  # (c, H_t, W_t)
+    for part, weighted in geometry.chunked(n, make_maps):  # (c, H_t, W_t)
         weighted *= scores[part, None, None]
         own_area[part] = _count_at_least(weighted, mask_threshold, above)
         argmax.update(weighted, part.start)
         del weighted
     winner = argmax.index  # (H_t, W_t) index into the candidates
-    area = torch.bincount(winner.flatten(), minlength=len(scores))
-    ratio = torch.true_divide(area, own_area).double()  # float32 ratio compared as a Python float
-    is_segment = ((area > 0) & (own_area > 0) & (ratio > overlap_mask_area_threshold)).tolist()
+    area = _occurrences(winner, n)
+    ratio = torch.true_divide(area, own_area).double()  # float32 ratio compared in float64, as a Python float
+    is_segment = (area > 0) & (own_area > 0) & (ratio > overlap_mask_area_threshold)
 
-    segment_of = [0] * len(scores)
+    # ids in candidate order; a fused candidate takes the id of the first segment with its label
+    fused = fuse[labels] if fuse is not None else torch.zeros_like(is_segment)
+    same_label = (labels[:, None] == labels[None, :]) & is_segment[None, :]  # (N, N): j is a segment of k's label
+    first = same_label.to(torch.uint8).argmax(dim=1)  # the first such j (k itself when k is a segment)
+    new = is_segment & (fused.logical_not() | (first == torch.arange(n, device=first.device)))
+    entry = torch.cumsum(new, dim=0)  # the id of a new entry
+    segment_of = torch.where(fused, entry[first], entry).masked_fill_(is_segment.logical_not(), 0)
+    decided = {"labels": labels, "scores": scores, "new": new, "fused": fused}
+    return segment_of.to(torch.int32)[winner], decided
+
+
+_DECIDED = ("labels", "scores", "new", "fused")
+
+
+def _segment_infos(values: Sequence[list[float]]) -> list[dict[str, Any]]:
+    """Segment entries from the host copy of ``_segments``' decisions (lists in ``_DECIDED`` order)."""
     info: list[dict[str, Any]] = []
-    fused_ids: dict[int, int] = {}
-    for k, (label, score) in enumerate(zip(labels.tolist(), scores.tolist())):
-        if not is_segment[k]:
-            continue
-        if label in fused_ids:
-            segment_of[k] = fused_ids[label]
-            continue
-        segment_of[k] = len(info) + 1
-        info.append({"id": len(info) + 1, "label_id": label, "was_fused": label in fuse, "score": round(score, 6)})
-        if label in fuse:
-            fused_ids[label] = segment_of[k]
-    lookup = torch.tensor(segment_of, dtype=torch.int32, device=winner.device)
-    return lookup[winner], info
+    for label, score, new, fused in zip(*values):
+        if new:
+            info.append({"id": len(info) + 1, "label_id": int(label), "was_fused": bool(fused),
+                         "score": round(score, 6)})
+    return info
 
 
 def post_process_panoptic(
@@ -212,24 +264,32 @@ def post_process_panoptic(
     class (``ClassInfo.stuff_ids``)."""
     geometries = _check(class_logits, mask_logits, input_size, image_sizes, target_sizes, model)
     class_logits, mask_logits = _at_least_float32(class_logits), _at_least_float32(mask_logits)
-    fuse = set() if label_ids_to_fuse is None else {int(label) for label in label_ids_to_fuse}
     num_classes = class_logits.shape[2] - 1
+    fuse = _label_table(() if label_ids_to_fuse is None else [int(v) for v in label_ids_to_fuse], num_classes,
+                        mask_logits.device)
     all_scores, all_labels = class_logits.softmax(dim=-1).max(dim=-1)  # (B, Q) each
-    results = []
+    keep = (all_labels != num_classes) & (all_scores > threshold)  # (B, Q)
+    (counts,) = _to_host([keep.sum(dim=1)])  # the one wait before the maps
+    segmentations, decisions = [], []
     for i, geometry in enumerate(geometries):
-        keep = ((all_labels[i] != num_classes) & (all_scores[i] > threshold)).nonzero().flatten()
-        if len(keep) == 0:
-            segmentation = torch.zeros(geometry.target, dtype=torch.int32, device=mask_logits.device)
-            results.append({"segmentation": segmentation, "segments_info": []})
+        if not counts[i]:
+            segmentations.append(torch.zeros(geometry.target, dtype=torch.int32, device=mask_logits.device))
             continue
-        kept_logits = mask_logits[i][keep]  # (N, h, w)
-        segmentation, info = _segments(
-            geometry, lambda part: geometry.working(kept_logits[part]).sigmoid(), all_scores[i][keep],
-            all_labels[i][keep], mask_threshold=mask_threshold,
+        kept = _kept_first(keep[i])[: int(counts[i])]
+        kept_logits = mask_logits[i].index_select(0, kept)  # (N, h, w)
+        segmentation, decided = _segments(
+            geometry, lambda part: geometry.working(kept_logits[part]).sigmoid(), all_scores[i, kept],
+            all_labels[i, kept], mask_threshold=mask_threshold,
             overlap_mask_area_threshold=overlap_mask_area_threshold, fuse=fuse,
         )
-        results.append({"segmentation": segmentation, "segments_info": info})
-    return results
+        segmentations.append(segmentation)
+        decisions.append(decided)
+    values = iter(_to_host([d[name] for d in decisions for name in _DECIDED]))  # the one wait after
+    return [
+        {"segmentation": segmentation,
+         "segments_info": _segment_infos([next(values) for _ in _DECIDED]) if counts[i] else []}
+        for i, segmentation in enumerate(segmentations)
+    ]
 
 
 def _top_pairs(class_logits: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -239,12 +299,6 @@ def _top_pairs(class_logits: torch.Tensor) -> tuple[torch.Tensor, ...]:
     class_probs = class_logits.softmax(dim=-1)[:, :-1]  # (Q, K)
     scores, index = class_probs.flatten().topk(num_queries, sorted=False)
     return scores, index % num_classes, index // num_classes
-
-
-def _thing_mask(labels: torch.Tensor, things: set[int] | None) -> torch.Tensor:
-    if things is None:
-        return torch.ones_like(labels, dtype=torch.bool)
-    return torch.tensor([int(label) in things for label in labels.tolist()], dtype=torch.bool, device=labels.device)
 
 
 def post_process_instance(
@@ -269,67 +323,124 @@ def post_process_instance(
     class_logits, mask_logits = _at_least_float32(class_logits), _at_least_float32(mask_logits)
     if threshold is None and model == "mask2former":
         raise ValueError("threshold=None (keep every top-k pair) is OneFormer's is_demo=False; use threshold=0.0")
-    things = None if thing_ids is None else {int(label) for label in thing_ids}
-    results = []
+    things = _label_table(None if thing_ids is None else [int(v) for v in thing_ids], class_logits.shape[2] - 1,
+                          mask_logits.device)
+    if model == "oneformer":
+        return _instance_oneformer(class_logits, mask_logits, geometries, threshold, things, mask_threshold,
+                                   overlap_mask_area_threshold, return_masks)
+    return _instance_mask2former(class_logits, mask_logits, geometries, threshold, things, return_masks)
+
+
+def _kept_candidates(image_candidates, batch: int, things) -> tuple[list[tuple[torch.Tensor, ...]], list[float]]:
+    """Per image, ``image_candidates(i)`` -> (scores, labels, queries, keep) of its top pairs; pairs whose
+    label is not in ``things`` (when given) are dropped too. Returns each image's (scores, labels, queries)
+    with the kept pairs first, in order, and how many are kept, read with one wait for all images."""
+    pairs, kept = [], []
+    for i in range(batch):
+        scores, labels, queries, keep = image_candidates(i)
+        if things is not None:
+            keep = keep & things[labels]
+        order = _kept_first(keep)
+        pairs.append((scores[order], labels[order], queries[order]))
+        kept.append(keep.sum())
+    counts = _to_host([torch.stack(kept)])[0] if kept else []
+    return pairs, counts
+
+
+def _instance_oneformer(class_logits, mask_logits, geometries, threshold, things, mask_threshold, overlap,
+                        return_masks):
+    def image_candidates(i):
+        scores, labels, queries = _top_pairs(class_logits[i])
+        keep = torch.ones_like(scores, dtype=torch.bool) if threshold is None else scores > threshold
+        return scores, labels, queries, keep
+
+    pairs, counts = _kept_candidates(image_candidates, len(geometries), things)
+    segmentations, decisions = [], []
     for i, geometry in enumerate(geometries):
-        if model == "oneformer":
-            result = _instance_oneformer(class_logits[i], mask_logits[i], geometry, threshold, things,
-                                         mask_threshold, overlap_mask_area_threshold)
-        else:
-            result = _instance_mask2former(class_logits[i], mask_logits[i], geometry, threshold, things, return_masks)
-        if return_masks and model == "oneformer":
-            ids = torch.tensor([e["id"] for e in result["segments_info"]], dtype=torch.int32)
-            result["masks"] = result["segmentation"][None] == ids.to(result["segmentation"].device)[:, None, None]
+        n = int(counts[i])
+        if not n:
+            segmentations.append(torch.zeros(geometry.target, dtype=torch.int32, device=mask_logits.device))
+            continue
+        scores, labels, queries = (t[:n] for t in pairs[i])
+        image_logits = mask_logits[i]
+        segmentation, decided = _segments(
+            geometry, lambda part: geometry.working(image_logits.index_select(0, queries[part])), scores, labels,
+            mask_threshold=mask_threshold, overlap_mask_area_threshold=overlap, fuse=None,
+        )
+        segmentations.append(segmentation)
+        decisions.append(decided)
+    values = iter(_to_host([d[name] for d in decisions for name in _DECIDED]))  # the one wait after
+    results = []
+    for i, segmentation in enumerate(segmentations):
+        info = _segment_infos([next(values) for _ in _DECIDED]) if counts[i] else []
+        result = {"segmentation": segmentation, "segments_info": info}
+        if return_masks:
+            ids = torch.arange(1, len(info) + 1, dtype=torch.int32, device=segmentation.device)
+            result["masks"] = segmentation[None] == ids[:, None, None]
         results.append(result)
     return results
 
 
-def _instance_oneformer(class_logits, mask_logits, geometry, threshold, things, mask_threshold, overlap):
-    scores, labels, queries = _top_pairs(class_logits)
-    keep = torch.ones_like(scores, dtype=torch.bool) if threshold is None else scores > threshold
-    keep &= _thing_mask(labels, things)
-    scores, labels, queries = scores[keep], labels[keep], queries[keep]
-    if len(scores) == 0:
-        segmentation = torch.zeros(geometry.target, dtype=torch.int32, device=mask_logits.device)
-        return {"segmentation": segmentation, "segments_info": []}
-    segmentation, info = _segments(
-        geometry, lambda part: geometry.working(mask_logits[queries[part]]), scores, labels,
-        mask_threshold=mask_threshold, overlap_mask_area_threshold=overlap, fuse=set(),
-    )
-    return {"segmentation": segmentation, "segments_info": info}
-
-
-def _instance_mask2former(class_logits, mask_logits, geometry, threshold, things, return_masks):
-    top_scores, labels, queries = _top_pairs(class_logits)
-    logits = geometry.working(mask_logits)  # (Q, h_i, w_i) at input resolution
-    binary = logits > 0
-    mask_probs = logits.sigmoid_().flatten(1).mul_(binary.flatten(1))  # logits no longer needed: in place
-    mask_scores = mask_probs.sum(1) / (binary.flatten(1).sum(1) + 1e-6)  # (Q,)
-    del logits, mask_probs
-    scores = top_scores * mask_scores[queries]
-    keep = (scores.double() >= threshold) & _thing_mask(labels, things)  # compared as Python floats, like transformers
-    keep = keep.nonzero().flatten()
-    kept_masks = binary[queries[keep]]  # (N, h_i, w_i)
+def _draw_instances(
+    geometry: MapGeometry, binary: torch.Tensor, keep_masks: bool
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """Draw N binary masks (N, h_i, w_i), nearest-resized to the target, later over earlier, with ids
+    0, 1, ... counting only the masks still present at the target size (a tiny mask can vanish when shrunk).
+    Returns the (H_t, W_t) int32 map (-1 = none), the (N,) present flags and, if asked, the resized masks."""
     target = geometry.target
-    segmentation = torch.full(target, -1, dtype=torch.int32, device=kept_masks.device)
-    next_id, parts = 0, []
-    for part in chunks(len(keep)):
-        masks = kept_masks[part]
+    segmentation = torch.full(target, -1, dtype=torch.int32, device=binary.device)
+    drawn = torch.zeros((), dtype=torch.int32, device=binary.device)  # masks present so far
+    present_parts, mask_parts = [], []
+    for part in chunks(len(binary)):
+        masks = binary[part]
         if tuple(masks.shape[-2:]) != target:
             masks = F.interpolate(masks.unsqueeze(0).to(torch.uint8), size=target, mode="nearest")[0].bool()
-        present = masks.flatten(1).any(1)  # a tiny mask can vanish when shrunk
-        for mask, is_present in zip(masks, present.tolist()):  # later instances are drawn over earlier ones
-            if is_present:
-                segmentation.masked_fill_(mask, next_id)
-                next_id += 1
-        parts.append((keep[part][present], masks[present] if return_masks else None))
-    keep = torch.cat([k for k, _ in parts]) if parts else keep
-    info = [
-        {"id": n, "label_id": int(label), "was_fused": False, "score": round(float(score), 6)}
-        for n, (label, score) in enumerate(zip(labels[keep].tolist(), scores[keep].tolist()))
-    ]
-    result = {"segmentation": segmentation, "segments_info": info}
-    if return_masks:
-        empty = torch.zeros((0, *target), dtype=torch.bool, device=segmentation.device)
-        result["masks"] = torch.cat([m for _, m in parts]) if parts else empty
-    return result
+        present = masks.flatten(1).any(1)
+        ids = drawn + torch.cumsum(present, 0, dtype=torch.int32) - 1  # an absent mask draws nothing
+        for k, mask in enumerate(masks):
+            torch.where(mask, ids[k], segmentation, out=segmentation)
+        drawn = drawn + present.sum(dtype=torch.int32)
+        present_parts.append(present)
+        if keep_masks:
+            mask_parts.append(masks)
+    present = torch.cat(present_parts) if present_parts else torch.zeros(0, dtype=torch.bool, device=binary.device)
+    return segmentation, present, mask_parts
+
+
+def _instance_mask2former(class_logits, mask_logits, geometries, threshold, things, return_masks):
+    def image_candidates(i):  # score = class probability x mean mask probability inside the mask
+        top_scores, labels, queries = _top_pairs(class_logits[i])
+        logits = geometries[i].working(mask_logits[i])  # (Q, h_i, w_i) at input resolution
+        binary = logits > 0
+        mask_probs = logits.sigmoid_().flatten(1).mul_(binary.flatten(1))  # logits no longer needed: in place
+        mask_scores = mask_probs.sum(1) / (binary.flatten(1).sum(1) + 1e-6)  # (Q,)
+        scores = top_scores * mask_scores[queries]
+        return scores, labels, queries, scores.double() >= threshold  # compared as Python floats, like transformers
+
+    pairs, counts = _kept_candidates(image_candidates, len(geometries), things)
+    drawn = []
+    for i, geometry in enumerate(geometries):
+        n = int(counts[i])
+        scores, labels, queries = (t[:n] for t in pairs[i])
+        # the kept masks only, at input resolution again (each query's map does not depend on the others)
+        if n:
+            binary = geometry.working(mask_logits[i].index_select(0, queries)) > 0  # (N, h_i, w_i)
+        else:
+            binary = torch.zeros((0, *geometry.image_size), dtype=torch.bool, device=mask_logits.device)
+        drawn.append((scores, labels, *_draw_instances(geometry, binary, return_masks)))
+    values = iter(_to_host([t for scores, labels, _, present, _ in drawn for t in (present, labels, scores)]))
+    results = []
+    for scores, labels, segmentation, present, mask_parts in drawn:
+        flags, label_values, score_values = next(values), next(values), next(values)
+        info = [
+            {"id": n, "label_id": int(label), "was_fused": False, "score": round(score, 6)}
+            for n, (label, score) in enumerate(
+                (label, score) for flag, label, score in zip(flags, label_values, score_values) if flag
+            )
+        ]
+        result = {"segmentation": segmentation, "segments_info": info}
+        if return_masks:
+            masks = torch.cat(mask_parts) if mask_parts else present.new_zeros((0, *segmentation.shape))
+            result["masks"] = masks.index_select(0, _kept_first(present)[: len(info)])
+        results.append(result)
+    return results

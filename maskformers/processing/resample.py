@@ -105,13 +105,13 @@ class RunningArgmax:
 
     Each chunk is reduced with ``max(dim=0)`` (the same first-maximum and NaN rules as ``argmax``, and
     several times faster than ``argmax`` over the outer dimension on the CPU), then merged into the running
-    maximum: an earlier chunk keeps a tie. The (H, W) buffers are allocated once and reused, so that chunk
-    after chunk the allocator is not left holding a heap of freed target-size temporaries."""
+    maximum: an earlier chunk keeps a tie and a NaN. Nothing is read back to the host, so on a GPU the
+    chunks queue up without waiting. The (H, W) buffers are allocated once and reused, so that chunk after
+    chunk the allocator is not left holding a heap of freed target-size temporaries."""
 
     def __init__(self) -> None:
         self.best: torch.Tensor | None = None  # (H, W) running maximum
         self.index: torch.Tensor | None = None  # (H, W) int64 channel of the maximum
-        self._nan = False  # whether a NaN was seen (then the NaN-aware comparison runs)
 
     def update(self, values: torch.Tensor, offset: int) -> None:
         """values (n, H, W) are channels offset .. offset + n - 1."""
@@ -121,13 +121,12 @@ class RunningArgmax:
             self._chunk_best, self._chunk_index = torch.empty_like(self.best), torch.empty_like(self.index)
             self._better, self._flags = (torch.empty(self.best.shape, dtype=torch.bool, device=values.device)
                                          for _ in range(2))
-            self._nan = bool(torch.ne(self.best, self.best, out=self._flags).any())
             return
         best, index = torch.max(values, dim=0, out=(self._chunk_best, self._chunk_index))
         index += offset
-        better = torch.gt(best, self.best, out=self._better)
-        self._nan = self._nan or bool(torch.ne(best, best, out=self._flags).any())
-        if self._nan:  # a NaN beats a number, as in argmax; the first NaN stays
-            better |= torch.ne(best, best, out=self._flags) & self.best.eq(self.best)
+        # the chunk wins where it is larger, or NaN (not(new <= old) holds for both), unless the running
+        # maximum is already NaN (the first NaN stays, as in argmax)
+        better = torch.le(best, self.best, out=self._better).logical_not_()
+        better &= torch.eq(self.best, self.best, out=self._flags)
         torch.maximum(self.best, best, out=self.best)  # NaN propagates, as it should
         torch.where(better, index, self.index, out=self.index)

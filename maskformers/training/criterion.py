@@ -31,13 +31,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .matcher import HungarianMatcher, Target, padded_target_labels, solve_assignments
+from .matcher import HungarianMatcher, Target, check_target_labels, padded_target_labels, solve_assignments
 from .points import (
     UniformSource,
     default_uniform,
@@ -166,9 +167,14 @@ class MaskFormerCriterion(nn.Module):
         predictions: Sequence[tuple[torch.Tensor, torch.Tensor]],
         targets: Sequence[Target],
         image_keys: Sequence[int] | None = None,
+        target_labels: torch.Tensor | None = None,
     ) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
-        """Matches of every prediction: ``[level][image] = (query_index, target_index)``."""
+        """Matches of every prediction: ``[level][image] = (query_index, target_index)``, on the CPU.
+        ``target_labels``: the padded labels (B, T_max) when the caller already checked them."""
         class_logits, mask_logits = predictions[0]
+        if target_labels is None:
+            check_target_labels(targets, class_logits.shape[-1] - 1)
+            target_labels, _ = padded_target_labels(targets, class_logits.device)
         L, B, device = len(predictions), class_logits.shape[0], class_logits.device
         dtype = torch.float64 if class_logits.dtype == torch.float64 else torch.float32
         P = self.matcher.num_points
@@ -186,18 +192,18 @@ class MaskFormerCriterion(nn.Module):
             values = point_sample(masks[:, None], per_target)[:, 0].view(len(owner), L, P)
             sampled[:, owner, slot] = values.transpose(0, 1)
         costs = torch.stack([
-            self.matcher.cost_matrices(c, m, targets, points[i], sampled_targets=sampled[i])
+            self.matcher.cost_matrices(c, m, targets, points[i], sampled_targets=sampled[i],
+                                       target_labels=target_labels)
             for i, (c, m) in enumerate(predictions)
         ]).cpu().numpy()  # (L, B, Q, T): one device-to-host copy for the whole batch
         return [solve_assignments(costs[i], counts) for i in range(L)]
 
     # ------------------------------------------------------------------ losses
-    def _class_loss(self, class_logits: torch.Tensor, matches: Sequence[tuple[torch.Tensor, torch.Tensor]],
-                    labels: torch.Tensor, weight_sum: float | None) -> torch.Tensor:
+    def _class_loss(self, class_logits: torch.Tensor, matched: _Matched, labels: torch.Tensor,
+                    weight_sum: float | None) -> torch.Tensor:
         B, Q, _ = class_logits.shape
         target = torch.full((B, Q), self.num_classes, dtype=torch.int64, device=class_logits.device)
-        for b, (q, t) in enumerate(matches):
-            target[b, q.to(target.device)] = labels[b, t.to(labels.device)]
+        target[matched.image, matched.query] = labels[matched.image, matched.target]
         logits = class_logits if class_logits.dtype == torch.float64 else class_logits.float()
         weight = self.class_weight.to(logits.dtype)
         if weight_sum is None:
@@ -243,15 +249,17 @@ class MaskFormerCriterion(nn.Module):
                 self.no_object_weight, device, reduce=step_target_counts is None)
         if image_keys is not None and len(image_keys) != len(targets):
             raise ValueError(f"expected one image key per image ({len(targets)}), got {len(image_keys)}")
-        all_matches = self.match(predictions, targets, image_keys)
+        check_target_labels(targets, self.num_classes)
         labels, _ = padded_target_labels(targets, device)
+        all_matches = self.match(predictions, targets, image_keys, target_labels=labels)
+        matched = _matched_on_device(all_matches, counts, device)
 
         names = [""] + [f"_{i}" for i in range(len(predictions) - 1)]
         losses: dict[str, torch.Tensor] = {}
-        for name, (cls, _), matches in zip(names, predictions, all_matches):
-            losses["loss_cross_entropy" + name] = self._class_loss(cls, matches, labels, weight_sum)
+        for name, (cls, _), level in zip(names, predictions, matched):
+            losses["loss_cross_entropy" + name] = self._class_loss(cls, level, labels, weight_sum)
 
-        bce, dice = self._mask_losses(predictions, all_matches, targets, image_keys)
+        bce, dice = self._mask_losses(predictions, all_matches, matched, targets, image_keys)
         for name, b, d in zip(names, bce, dice):
             losses["loss_mask" + name] = b / num_masks
             losses["loss_dice" + name] = d / num_masks
@@ -268,6 +276,7 @@ class MaskFormerCriterion(nn.Module):
         self,
         predictions: Sequence[tuple[torch.Tensor, torch.Tensor]],
         all_matches: Sequence[Sequence[tuple[torch.Tensor, torch.Tensor]]],
+        matched: Sequence[_Matched],
         targets: Sequence[Target],
         image_keys: Sequence[int] | None = None,
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -275,20 +284,15 @@ class MaskFormerCriterion(nn.Module):
         mask_logits = predictions[0][1]
         device = mask_logits.device
         dtype = torch.float64 if mask_logits.dtype == torch.float64 else torch.float32
-        offsets = torch.tensor([0] + [int(t["labels"].numel()) for t in targets], device=device).cumsum(0)
-        pred_rows, target_rows, sizes, row_keys = [], [], [], []
-        for level, ((_, logits), matches) in enumerate(zip(predictions, all_matches)):
-            if image_keys is not None:
+        row_keys = []
+        if image_keys is not None:
+            for level, matches in enumerate(all_matches):
                 row_keys += [_mix(image_keys[i], level, j) for i, (q, _) in enumerate(matches) for j in range(len(q))]
-            b = torch.cat([torch.full_like(q, i) for i, (q, _) in enumerate(matches)]).to(device)
-            q = torch.cat([q for q, _ in matches]).to(device)
-            t = torch.cat([t for _, t in matches]).to(device)
-            pred_rows.append(logits[b, q])  # (N_l, h, w)
-            target_rows.append(offsets[b] + t)
-            sizes.append(len(q))
+        sizes = [len(level.query) for level in matched]
         zero = mask_logits.sum() * 0.0  # keeps the graph when there is nothing to match
         if sum(sizes) == 0:
             return [zero.to(dtype)] * len(predictions), [zero.to(dtype)] * len(predictions)
+        pred_rows = [logits[level.image, level.query] for (_, logits), level in zip(predictions, matched)]
         src = torch.cat(pred_rows).to(dtype)[:, None]  # (N, 1, h, w)
         num_candidates = int(self.num_points * self.oversample_ratio)
         num_uncertain = num_importance_points(self.num_points, self.importance_sample_ratio)
@@ -305,13 +309,64 @@ class MaskFormerCriterion(nn.Module):
         points = torch.cat([select_uncertain_points(src.detach(), candidates, num_uncertain), extra], dim=1)
         with torch.no_grad():
             masks, _, _ = _concat_targets(targets, device, dtype)
-            rows = torch.cat(target_rows)
-            point_labels = _sample_rows(masks, rows, points)  # (N, P)
+            point_labels = _sample_rows(masks, matched[0].rows, points)  # (N, P)
         point_logits = point_sample(src, points)[:, 0]  # (N, P)
         bce = F.binary_cross_entropy_with_logits(point_logits, point_labels, reduction="none").mean(1)
         probs = point_logits.sigmoid()
         dice = 1 - (2 * (probs * point_labels).sum(-1) + 1) / (probs.sum(-1) + point_labels.sum(-1) + 1)
         return [x.sum() for x in bce.split(sizes)], [x.sum() for x in dice.split(sizes)]
+
+
+class _RowPlan(NamedTuple):
+    """How the matched rows of all levels read the concatenated target masks (see ``_sample_rows``):
+    unique (U,) target rows used; inverse (N,) and rank (N,): each matched row's place in the (U, width)
+    grid of points; width: the most rows that use one target."""
+
+    unique: torch.Tensor
+    inverse: torch.Tensor
+    rank: torch.Tensor
+    width: int
+
+
+class _Matched(NamedTuple):
+    """One level's matches as device indices: image, query and target (within its image) per matched pair,
+    in image order; ``rows`` (only on the first level) plans the target sampling of every level."""
+
+    image: torch.Tensor
+    query: torch.Tensor
+    target: torch.Tensor
+    rows: _RowPlan | None
+
+
+def _matched_on_device(
+    all_matches: Sequence[Sequence[tuple[torch.Tensor, torch.Tensor]]], counts: Sequence[int], device: torch.device
+) -> list[_Matched]:
+    """The solver's host indices of every level (and the target-row plan) moved to ``device`` in one copy.
+
+    Everything here is decided on the host, where the assignments already are; a copy per image, or the
+    ``unique`` / ``bincount`` of the rows on a GPU, would each make the host wait for the device."""
+    columns = []  # per level: image, query, target of every matched pair (CPU tensors)
+    for matches in all_matches:
+        columns.append(torch.cat([torch.full((len(q),), i, dtype=torch.int64) for i, (q, _) in enumerate(matches)]))
+        columns.append(torch.cat([q.to(torch.int64) for q, _ in matches]))
+        columns.append(torch.cat([t.to(torch.int64) for _, t in matches]))
+    host = torch.cat(columns).numpy()  # one view of all of them as numpy
+    sizes = [len(c) for c in columns]
+    splits = np.split(host, np.cumsum(sizes)[:-1])
+    parts = [tuple(splits[i : i + 3]) for i in range(0, len(splits), 3)]
+    offsets = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
+    rows = np.concatenate([offsets[image] + target for image, _, target in parts])
+    unique, inverse = np.unique(rows, return_inverse=True)
+    uses = np.bincount(inverse, minlength=len(unique))
+    order = np.argsort(inverse, kind="stable")
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(rows)) - (np.cumsum(uses) - uses)[inverse[order]]
+    flat = [a for part in parts for a in part] + [unique, inverse.reshape(-1), rank]
+    packed = torch.from_numpy(np.concatenate(flat).astype(np.int64)).to(device, non_blocking=True)
+    pieces = iter(packed.split([len(a) for a in flat]))
+    levels = [(next(pieces), next(pieces), next(pieces)) for _ in parts]
+    plan = _RowPlan(next(pieces), next(pieces), next(pieces), int(uses.max(initial=0)))
+    return [_Matched(*level, plan if i == 0 else None) for i, level in enumerate(levels)]
 
 
 def _concat_targets(
@@ -324,18 +379,11 @@ def _concat_targets(
     return masks, owner, slot
 
 
-def _sample_rows(masks: torch.Tensor, rows: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+def _sample_rows(masks: torch.Tensor, plan: _RowPlan, points: torch.Tensor) -> torch.Tensor:
     """masks[rows[n]] sampled at points[n] -> (N, P), without copying a full mask per row: each target
-    is sampled once at the points of every row that uses it."""
-    unique, inverse = rows.unique(return_inverse=True)
-    uses = torch.bincount(inverse, minlength=len(unique))
-    width = int(uses.max())
-    order = torch.argsort(inverse, stable=True)
-    rank = torch.empty_like(order)
-    starts = torch.cumsum(uses, 0) - uses
-    rank[order] = torch.arange(len(rows), device=rows.device) - starts[inverse[order]]
+    is sampled once at the points of every row that uses it (``plan``, made on the host)."""
     P = points.shape[1]
-    grid = points.new_zeros((len(unique), width, P, 2))
-    grid[inverse, rank] = points
-    values = point_sample(masks[unique][:, None], grid.view(len(unique), width * P, 2))[:, 0]
-    return values.view(len(unique), width, P)[inverse, rank]
+    grid = points.new_zeros((len(plan.unique), plan.width, P, 2))
+    grid[plan.inverse, plan.rank] = points
+    values = point_sample(masks[plan.unique][:, None], grid.view(len(plan.unique), plan.width * P, 2))[:, 0]
+    return values.view(len(plan.unique), plan.width, P)[plan.inverse, plan.rank]

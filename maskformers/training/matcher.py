@@ -23,13 +23,28 @@ import torch.nn.functional as F
 
 from .points import UniformSource, default_uniform, point_sample
 
-__all__ = ["HungarianMatcher", "solve_assignments", "padded_target_labels", "sample_target_masks"]
+__all__ = [
+    "HungarianMatcher", "check_target_labels", "solve_assignments", "padded_target_labels", "sample_target_masks",
+]
 
 Target = Mapping[str, torch.Tensor]
 
 
 def _cost_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_target_labels(targets: Sequence[Target], num_classes: int) -> None:
+    """Raise ``ValueError`` unless every target label is in [0, ``num_classes``). The labels of the whole
+    batch are read in one copy (one wait for the GPU when they live there)."""
+    labels = [t["labels"].flatten() for t in targets if t["labels"].numel()]
+    if not labels:
+        return
+    devices = {x.device for x in labels}
+    flat = torch.cat([x.to(torch.int64) if len(devices) == 1 else x.cpu().to(torch.int64) for x in labels])
+    low, high = torch.stack(flat.aminmax()).tolist()
+    if low < 0 or high > num_classes - 1:
+        raise ValueError(f"target labels must be in [0, {num_classes - 1}], got range [{low}, {high}]")
 
 
 def padded_target_labels(targets: Sequence[Target], device: torch.device) -> tuple[torch.Tensor, list[int]]:
@@ -123,10 +138,12 @@ class HungarianMatcher:
         points: torch.Tensor,
         *,
         sampled_targets: torch.Tensor | None = None,
+        target_labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """class_logits (B, Q, K+1), mask_logits (B, Q, h, w), points (B, P, 2) -> costs (B, Q, T_max)
         (columns past an image's target count are padding). ``sampled_targets`` (B, T_max, P) may be
-        passed when the caller already sampled the targets at ``points``."""
+        passed when the caller already sampled the targets at ``points``, ``target_labels`` (B, T_max)
+        when it already padded and checked the labels (``padded_target_labels``, ``check_target_labels``)."""
         B, Q = class_logits.shape[:2]
         if class_logits.dim() != 3 or mask_logits.dim() != 4 or tuple(mask_logits.shape[:2]) != (B, Q):
             raise ValueError(f"expected class_logits (B, Q, K+1) and mask_logits (B, Q, h, w), got "
@@ -137,11 +154,10 @@ class HungarianMatcher:
             raise ValueError(f"expected points (B={B}, P, 2), got {tuple(points.shape)}")
         dtype = _cost_dtype(class_logits.dtype)
         with torch.autocast(class_logits.device.type, enabled=False):
-            labels, _ = padded_target_labels(targets, class_logits.device)
-            num_classes = class_logits.shape[-1] - 1
-            if labels.numel() and (int(labels.max()) > num_classes - 1 or int(labels.min()) < 0):
-                raise ValueError(f"target labels must be in [0, {num_classes - 1}], got range "
-                                 f"[{int(labels.min())}, {int(labels.max())}]")
+            if target_labels is None:
+                check_target_labels(targets, class_logits.shape[-1] - 1)
+                target_labels, _ = padded_target_labels(targets, class_logits.device)
+            labels = target_labels
             probs = class_logits.to(dtype).softmax(-1)  # (B, Q, K+1)
             cost_class = -probs.gather(2, labels[:, None, :].expand(B, Q, labels.shape[1]))  # (B, Q, T)
             x = point_sample(mask_logits.to(dtype), points.to(dtype))  # (B, Q, P)
