@@ -3,7 +3,7 @@
     maskformers segment IMAGE_OR_FOLDER... --model NAME_OR_PATH --task panoptic|semantic|instance --out DIR
     maskformers convert SRC DST [--force] [--config JSON]
     maskformers info [--build]
-    maskformers build-ops [--device auto|cpu|cuda|all] [--op NAME|all] [--rebuild]
+    maskformers build-ops [--device auto|cpu|cuda|all] [--op NAME|all] [--variants] [--rebuild]
     maskformers train / evaluate / demo     (see maskformers.training.cli_train, cli_evaluate)
 """
 
@@ -79,6 +79,8 @@ def make_parser() -> argparse.ArgumentParser:
                    help="auto (default): what can run here, the CPU plus CUDA when a GPU is visible; "
                    "cuda: for TORCH_CUDA_ARCH_LIST (else the visible GPUs, else torch's architectures)")
     p.add_argument("--op", default="all", help="one op (ms_deform_attn, neighborhood_attention) or all")
+    p.add_argument("--variants", action="store_true",
+                   help="with the CUDA kernels, also build the CUDA kernel variants (maskformers.ops.kernel_variants())")
     p.add_argument("--rebuild", action="store_true", help="delete the cached builds first and compile again")
     p.set_defaults(run=_build_ops)
 
