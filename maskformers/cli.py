@@ -80,7 +80,7 @@ def make_parser() -> argparse.ArgumentParser:
                    "cuda: for TORCH_CUDA_ARCH_LIST (else the visible GPUs, else torch's architectures)")
     p.add_argument("--op", default="all", help="one op (ms_deform_attn, neighborhood_attention) or all")
     p.add_argument("--variants", action="store_true",
-                   help="with the CUDA kernels, also build the CUDA kernel variants (maskformers.ops.kernel_variants())")
+                   help="with the CUDA kernels, also build their variants (maskformers.ops.kernel_variants())")
     p.add_argument("--rebuild", action="store_true", help="delete the cached builds first and compile again")
     p.set_defaults(run=_build_ops)
 

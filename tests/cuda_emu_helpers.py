@@ -81,7 +81,8 @@ def build_emulated(out: Path, name: str, source: str, bind: str, launches: int, 
     defines = [f"-DEMU_CUDA_ARCH={arch}", f"-DEMU_CUDACC_VER_MAJOR={major}", f"-DEMU_CUDACC_VER_MINOR={minor}"]
     csrc = REPO / "csrc"
     prepared = out / f"{name}_kernels.cpp"
-    _run([sys.executable, str(tool / "prepare_source.py"), str(csrc / source), str(prepared), "--expect", str(launches)])
+    _run([sys.executable, str(tool / "prepare_source.py"), str(csrc / source), str(prepared),
+          "--expect", str(launches)])
     _run(["g++", *common, *defines, *sanitize, "-c", str(prepared), "-o", str(out / "kernels.o"), *emu, "-iquote",
           str(csrc), *includes])
     _run(["g++", *common, *defines, *sanitize, "-c", str(tool / "emu" / "cuda_emu.cpp"), "-o", str(out / "emu.o"),

@@ -12,8 +12,9 @@ be had (no compiler, no ninja, a CPU-only torch, no CUDA toolkit, a compile erro
     python -m maskformers.ops.build [--device auto|cpu|cuda|all] [--op NAME|all] [--variants] [--rebuild]
 
 prebuilds and reports. An op may also have a second CUDA extension with its kernel variants
-(``load_extension("cuda", op, variants=True)``, see ``variants.py``); ``--variants`` builds it too. Environment: ``MASKFORMERS_OPS_CACHE`` (cache root, default
-``$XDG_CACHE_HOME/maskformers/ops``), ``CUDA_HOME``/``CUDA_PATH``, ``TORCH_CUDA_ARCH_LIST``, ``CXX``, ``MAX_JOBS``.
+(``load_extension("cuda", op, variants=True)``, see ``variants.py``); ``--variants`` builds it too.
+Environment: ``MASKFORMERS_OPS_CACHE`` (cache root, default ``$XDG_CACHE_HOME/maskformers/ops``),
+``CUDA_HOME``/``CUDA_PATH``, ``TORCH_CUDA_ARCH_LIST``, ``CXX``, ``MAX_JOBS``.
 """
 
 from __future__ import annotations
@@ -89,6 +90,7 @@ OPS = {
             "cpu": ("neighborhood_attention_cpu.cpp",),
             "cuda": ("neighborhood_attention_cuda.cu", "neighborhood_attention_cuda_bind.cpp"),
         },
+        variant_sources=("neighborhood_attention_cuda_variants.cu", "neighborhood_attention_cuda_variants_bind.cpp"),
     ),
 }
 DEFAULT_OP = "ms_deform_attn"
