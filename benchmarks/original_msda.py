@@ -6,7 +6,9 @@ GitHub URL, and ``load`` compiles a copy of it there with ``torch.utils.cpp_exte
 edits that let the 2020 sources build against torch 2.x: the ``THC/THCAtomics.cuh`` include (THC was
 removed from torch; the op's atomicAdd on float/double is CUDA's own), ``Tensor.type()`` and
 ``Tensor.data<T>()`` (removed or deprecated APIs; ``scalar_type()``/``is_cuda()``/``data_ptr<T>()`` do the
-same). The kernels themselves are untouched. GPU machines without internet: fetch where there is access and
+same), and ``ATen/cuda/CUDAContext.h`` for the current stream (it pulls in cuSPARSE/cuBLAS headers that a
+minimal toolkit lacks; ``c10/cuda/CUDAStream.h`` gives the same stream). The kernels themselves are
+untouched. GPU machines without internet: fetch where there is access and
 carry the folder along (it is small).
 
     python benchmarks/original_msda.py fetch [--from CHECKOUT|BARE_GIT_DIR|URL]
@@ -40,7 +42,9 @@ FILES = ("vision.cpp", "ms_deform_attn.h", "cpu/ms_deform_attn_cpu.cpp", "cpu/ms
          "cuda/ms_deform_attn_cuda.cu", "cuda/ms_deform_attn_cuda.h", "cuda/ms_deform_im2col_cuda.cuh")
 # (old, new): API edits for torch 2.x, applied to the build copy only
 EDITS = (("#include <THC/THCAtomics.cuh>", ""), (".type().is_cuda()", ".is_cuda()"),
-         ("value.type()", "value.scalar_type()"), (".data<", ".data_ptr<"))
+         ("value.type()", "value.scalar_type()"), (".data<", ".data_ptr<"),
+         ("#include <ATen/cuda/CUDAContext.h>", "#include <c10/cuda/CUDAStream.h>"),
+         ("at::cuda::getCurrentCUDAStream()", "c10::cuda::getCurrentCUDAStream()"))
 
 __all__ = ["fetch", "load", "original_ms_deform_attn", "unavailable_reason"]
 
@@ -103,6 +107,13 @@ def load():
     try:
         from torch.utils import cpp_extension
 
+        from maskformers.ops import toolchain
+
+        cuda_home, how = toolchain.find_cuda_home()  # torch's own guess follows an nvcc wrapper wrongly
+        if cuda_home is None:
+            _reason = f"no CUDA toolkit: {how}"
+            return None
+        cpp_extension.CUDA_HOME = str(cuda_home)
         src = _prepared_sources()
         _module = cpp_extension.load(
             name="deformable_detr_original_msda",

@@ -200,8 +200,10 @@ __global__ void __launch_bounds__(kThreads)
       for (int kk = 0; kk < D / 16; ++kk) {
         wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
         wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> bt;
-        wmma::load_matrix_sync(a, q_s + warp * 16 * D + kk * 16, D);
+        // the chunk's keys are read first: on the CPU emulator a missing barrier after their staging then
+        // reads stale rows (a read after another warp-collective call would hide it)
         wmma::load_matrix_sync(bt, k_s + j * 16 * D + kk * 16, D);
+        wmma::load_matrix_sync(a, q_s + warp * 16 * D + kk * 16, D);
         wmma::mma_sync(acc, a, bt, acc);
       }
       wmma::store_matrix_sync(s_s + warp * 16 * KC + j * 16, acc, KC, wmma::mem_row_major);
