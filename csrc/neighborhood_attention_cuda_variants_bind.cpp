@@ -10,6 +10,10 @@ namespace variants {
 std::tuple<at::Tensor, at::Tensor> forward_tensor_core(const at::Tensor& query, const at::Tensor& key,
                                                        const at::Tensor& value, const at::Tensor& rpb,
                                                        int64_t kernel_size, int64_t dilation, double scale);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_tensor_core(
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, const at::Tensor& rpb,
+    const at::Tensor& lse, const at::Tensor& grad_out, const at::Tensor& delta, int64_t kernel_size, int64_t dilation,
+    double scale);
 std::string tensor_core_unsupported(const at::Tensor& query);
 }  // namespace variants
 }  // namespace na
@@ -21,7 +25,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "default forward",
         py::arg("query"), py::arg("key"), py::arg("value"), py::arg("rpb"), py::arg("kernel_size"),
         py::arg("dilation"), py::arg("scale"));
+  m.def("backward_tensor_core_bwd", &na::variants::backward_tensor_core,
+        "the 'tensor_core_bwd' backward: the default backward's arguments plus delta = sum(grad_out * out, -1) "
+        "(float32, (B, H, W, heads)) -> (grad_query, grad_key, grad_value, grad_rpb)",
+        py::arg("query"), py::arg("key"), py::arg("value"), py::arg("rpb"), py::arg("lse"), py::arg("grad_out"),
+        py::arg("delta"), py::arg("kernel_size"), py::arg("dilation"), py::arg("scale"));
   m.def("tensor_core_unsupported", &na::variants::tensor_core_unsupported,
-        "why the tensor-core forward cannot run for this query's dtype and head dim ('' when it can)",
+        "why the tensor-core kernels cannot run for this query's dtype and head dim ('' when it can)",
         py::arg("query"));
 }

@@ -1,13 +1,14 @@
 """The CUDA kernels of neighborhood_attention_2d, run on the CPU by the cuda_on_cpu emulator.
 
 No GPU runs these kernels in CI, so this test compiles csrc/neighborhood_attention_cuda.cu (the default
-kernels) and csrc/neighborhood_attention_cuda_variants.cu (the "tensor_core" forward, whose nvcuda::wmma
-calls run on tests/cuda_emu_ext/shim/mma.h) for the emulator (see cuda_emu_helpers.py), and compares the
-forward and all four gradients with the float64 reference in every dtype, with and without bias, also
-checking that the emulator recorded no device fault (divergent or non-participating shuffles, wmma calls
-by part of a warp or with different arguments, misaligned loads, deadlocks). The tensor-core forward is
-checked with the default backward fed its log-sum-exp, and under other thread and block orders. It
-compiles for a few minutes, so it runs only when MASKFORMERS_CUDA_ON_CPU names the emulator's folder.
+kernels) and csrc/neighborhood_attention_cuda_variants.cu (the "tensor_core" forward and "tensor_core_bwd"
+backward, whose nvcuda::wmma calls run on tests/cuda_emu_ext/shim/mma.h) for the emulator (see
+cuda_emu_helpers.py), and compares the forward and all four gradients with the float64 reference in every
+dtype, with and without bias, also checking that the emulator recorded no device fault (divergent or
+non-participating shuffles, wmma calls by part of a warp or with different arguments, misaligned loads,
+deadlocks). The tensor-core forward is also checked through the default backward fed its log-sum-exp, and
+both tensor-core kernels under other thread and block orders. It compiles for a few minutes, so it runs
+only when MASKFORMERS_CUDA_ON_CPU names the emulator's folder.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def emulated(tmp_path_factory):
 def emulated_variants(tmp_path_factory):
     return build_emulated(tmp_path_factory.mktemp("na_variants_emu"), "na_variants_emu",
                           "neighborhood_attention_cuda_variants.cu", "neighborhood_attention_cuda_variants_bind.cpp",
-                          launches=1)
+                          launches=3)
 
 
 def random_inputs(case, seed):
@@ -104,21 +105,51 @@ def test_tensor_core_forward_matches_the_reference(emulated, emulated_variants, 
             assert error <= TOLERANCE[dtype], f"{name} with{'out' if bias is None else ''} bias: {error:.3g}"
 
 
+def tensor_core_backward(module, q, k, v, bias_arg, grad, K, d, scale):
+    """The tensor-core forward, then the tensor-core backward with delta = rowsum(grad * out)."""
+    out, lse = module.forward_tensor_core(q, k, v, bias_arg, K, d, scale)
+    delta = (grad.float() * out.float()).sum(-1)
+    return module.backward_tensor_core_bwd(q, k, v, bias_arg, lse, grad, delta, K, d, scale)
+
+
+@pytest.mark.parametrize("dtype", TC_DTYPES, ids=str)
+@pytest.mark.parametrize("case", TC_CASES, ids=[f"{c[1]}x{c[2]}-h{c[3]}-D{c[4]}-K{c[5]}-d{c[6]}" for c in TC_CASES])
+def test_tensor_core_backward_matches_the_reference(emulated_variants, case, dtype):
+    B, H, W, heads, D, K, d = case
+    q, k, v, grad, rpb = (t.to(dtype) for t in random_inputs(case, sum(case) + 1))
+    for bias in (rpb, None):
+        truths = reference(q, k, v, bias, grad, K, d, D**-0.5)[1:]
+        bias_arg = bias if bias is not None else q.new_empty(0)
+        before = emulated_variants.fault_count()
+        grads = tensor_core_backward(emulated_variants.module, q, k, v, bias_arg, grad, K, d, D**-0.5)
+        assert emulated_variants.fault_count() == before, "the emulator recorded a device fault"
+        for name, got, want in zip(("grad_query", "grad_key", "grad_value", "grad_rpb"), grads, truths):
+            assert got.dtype == dtype, name
+            error = relative_error(got, want)
+            assert error <= TOLERANCE[dtype], f"{name} with{'out' if bias is None else ''} bias: {error:.3g}"
+        if bias is None:
+            assert grads[3].numel() == 0
+
+
 @pytest.mark.parametrize("order", [("reverse", "reverse", 1), ("random", "random", 9)])
-def test_tensor_core_forward_does_not_depend_on_thread_order(emulated_variants, order):
+def test_tensor_core_kernels_do_not_depend_on_thread_order(emulated_variants, order):
     """Every sum has a fixed order, so another thread or block order must give the same bits (a missing
     barrier or a race between the threads of a block would not)."""
     case = TC_CASES[3]
     B, H, W, heads, D, K, d = case
-    q, k, v, _, rpb = (t.to(torch.bfloat16) for t in random_inputs(case, 3))
-    first = emulated_variants.module.forward_tensor_core(q, k, v, rpb, K, d, 0.2)
+    q, k, v, grad, rpb = (t.to(torch.bfloat16) for t in random_inputs(case, 3))
+    module = emulated_variants.module
+    first = (*module.forward_tensor_core(q, k, v, rpb, K, d, 0.2), *tensor_core_backward(module, q, k, v, rpb, grad,
+                                                                                          K, d, 0.2))
     blocks, lanes, seed = order
     emulated_variants.schedule(blocks=blocks, lanes=lanes, seed=seed)
     try:
-        again = emulated_variants.module.forward_tensor_core(q, k, v, rpb, K, d, 0.2)
+        again = (*module.forward_tensor_core(q, k, v, rpb, K, d, 0.2), *tensor_core_backward(module, q, k, v, rpb,
+                                                                                              grad, K, d, 0.2))
     finally:
         emulated_variants.schedule()
-    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
 
 
 def test_tensor_core_forward_refuses_what_it_does_not_handle(emulated_variants):
@@ -129,3 +160,9 @@ def test_tensor_core_forward_refuses_what_it_does_not_handle(emulated_variants):
     assert module.tensor_core_unsupported(q.bfloat16()) == ""
     with pytest.raises(RuntimeError, match="the tensor-core forward does not apply: dtype Float"):
         module.forward_tensor_core(q, q, q, q.new_empty(0), 3, 1, 0.2)
+    lse = torch.zeros(1, 9, 9, 1)
+    with pytest.raises(RuntimeError, match="the tensor-core backward does not apply: dtype Float"):
+        module.backward_tensor_core_bwd(q, q, q, q.new_empty(0), lse, q, lse, 3, 1, 0.2)
+    b = q.bfloat16()
+    with pytest.raises(RuntimeError, match=r"expected delta = sum\(grad_out \* out, -1\)"):
+        module.backward_tensor_core_bwd(b, b, b, b.new_empty(0), lse, b, lse.double(), 3, 1, 0.2)

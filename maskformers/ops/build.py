@@ -85,7 +85,7 @@ OPS = {
     "neighborhood_attention": OpSources(
         op="neighborhood_attention",
         tag="na",
-        headers=("neighborhood_attention_math.h", "neighborhood_attention_checks.h"),
+        headers=("neighborhood_attention_math.h", "neighborhood_attention_checks.h", "neighborhood_attention_bias.h"),
         sources={
             "cpu": ("neighborhood_attention_cpu.cpp",),
             "cuda": ("neighborhood_attention_cuda.cu", "neighborhood_attention_cuda_bind.cpp"),

@@ -5,7 +5,7 @@ either pass. A variant name lists the variant kernels it uses, joined by "+"; a 
 runs the default kernel. :func:`kernel_variants` lists every name:
 
     ms_deform_attn          default, coalesced (forward), tiled (backward), coalesced+tiled
-    neighborhood_attention  default, tensor_core (forward)
+    neighborhood_attention  default, tensor_core (forward), tensor_core_bwd (backward), tensor_core+tensor_core_bwd
 
 Choose a variant per op with an environment variable, read at every call (``MASKFORMERS_MSDA_VARIANT``,
 ``MASKFORMERS_NA_VARIANT``), or, taking precedence in the current thread, with
@@ -41,7 +41,9 @@ class _OpVariants:
 
 _VARIANTS = {
     "ms_deform_attn": _OpVariants("MASKFORMERS_MSDA_VARIANT", forward=("coalesced",), backward=("tiled",)),
-    "neighborhood_attention": _OpVariants("MASKFORMERS_NA_VARIANT", forward=("tensor_core",), backward=()),
+    "neighborhood_attention": _OpVariants(
+        "MASKFORMERS_NA_VARIANT", forward=("tensor_core",), backward=("tensor_core_bwd",)
+    ),
 }
 VARIANT_ENV = {op: spec.env for op, spec in _VARIANTS.items()}
 
