@@ -20,6 +20,7 @@ from maskformers.ops import (
     kernel_variants,
     ms_deform_attn,
     ms_deform_attn_reference,
+    neighborhood_attention,
     toolchain,
     use_kernel_variant,
     variants,
@@ -35,6 +36,8 @@ def test_every_op_lists_default_first_and_its_pass_kernels():
     assert variants.pass_kernels("ms_deform_attn", "coalesced") == ("coalesced", "default")
     assert variants.pass_kernels("ms_deform_attn", "coalesced+tiled") == ("coalesced", "tiled")
     assert variants.pass_kernels("neighborhood_attention", "tensor_core") == ("tensor_core", "default")
+    assert variants.pass_kernels("neighborhood_attention", "tensor_core+tensor_core_bwd") == (
+        "tensor_core", "tensor_core_bwd")
     assert set(variants.VARIANT_ENV) == set(build.OPS)
 
 
@@ -112,6 +115,25 @@ def test_the_backward_runs_the_variant_of_its_forward(monkeypatch):
     assert seen == ["tiled"]
 
 
+def test_na_backward_variant_gets_the_forward_output(monkeypatch):
+    """A variant backward kernel of neighborhood attention needs the forward's output (delta = rowsum(dO O)):
+    it is kept only then, and reaches the backward op with the variant's name."""
+    seen = []
+    real = neighborhood_attention._native_backward
+
+    def spy(*args):
+        seen.append((args[-2], None if args[-1] is None else args[-1].shape))
+        return real(*args)
+
+    monkeypatch.setattr(neighborhood_attention, "_native_backward", spy)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 6, 7, 2, 4, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    for variant in ("tensor_core_bwd", "tensor_core"):
+        out, _ = torch.ops.maskformers.neighborhood_attention_2d(q, k, v, None, 3, 2, 0.5, variant)
+        out.sum().backward()
+    assert seen == [("tensor_core_bwd", (1, 6, 7, 2, 4)), ("tensor_core", None)]
+
+
 def test_a_variant_that_does_not_apply_warns_once_or_raises_when_strict(monkeypatch):
     monkeypatch.setattr(variants, "_warned", set())
     monkeypatch.delenv("MASKFORMERS_STRICT_OPS", raising=False)
@@ -160,4 +182,7 @@ def test_cuda_variants_compile_for_sm80_and_sm90(monkeypatch, op):
     ext = build.load_extension("cuda", op, variants=True)
     plan = build.build_plan("cuda", op, variants=True)
     assert build.is_built(plan) and "TORCH_CUDA_ARCH_LIST=8.0;9.0" in plan.description["architectures"]
-    assert callable(getattr(ext, "forward_coalesced" if op == "ms_deform_attn" else "forward_tensor_core"))
+    for variant in kernel_variants()[op][1:]:
+        forward, backward = variants.pass_kernels(op, variant)
+        for name in (f"forward_{forward}", f"backward_{backward}"):
+            assert name.endswith("_default") or callable(getattr(ext, name)), name
