@@ -75,16 +75,17 @@ def fetch(source: str | None = None) -> Path:
 
 
 def _prepared_sources() -> Path:
-    """A copy of the fetched sources with EDITS applied (benchmarks/_original/build/src)."""
+    """A copy of the fetched sources with EDITS applied (benchmarks/_original/build/src); files are rewritten
+    only when their text changes, so that ninja does not rebuild an up-to-date library."""
     copy = BUILD / "src"
-    shutil.rmtree(copy, ignore_errors=True)
-    shutil.copytree(SOURCE, copy)
     for name in FILES:
-        file = copy / name
-        text = file.read_text()
+        text = (SOURCE / name).read_text()
         for old, new in EDITS:
             text = text.replace(old, new)
-        file.write_text(text)
+        target = copy / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not target.is_file() or target.read_text() != text:
+            target.write_text(text)
     return copy
 
 
@@ -103,6 +104,9 @@ def load():
         return None
     if not torch.version.cuda:
         _reason = "torch is a CPU-only build"
+        return None
+    if not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        _reason = "no GPU visible: set TORCH_CUDA_ARCH_LIST (e.g. 9.0) to build it anyway"
         return None
     try:
         from torch.utils import cpp_extension
