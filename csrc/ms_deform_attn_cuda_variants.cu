@@ -9,13 +9,16 @@
 // 32-byte sectors of a value row. (The default kernel gives each float lane 8 consecutive channels read
 // with two 16-byte loads, so each load instruction touches half of every sector it reads and the next
 // instruction the other half.) A lane holds two pieces for 4- and 8-byte types, one for 16-bit types.
-// All corner loads of a sample are issued before they are accumulated.
+// All corner loads of a sample are issued before they are accumulated. The items of a warp are
+// consecutive queries of one head (the default kernel's are the heads of one query): in the encoder
+// neighbouring queries sample around neighbouring reference points, so one warp-wide load touches fewer
+// distinct sectors (the samples of different heads never share rows).
 //
 // "tiled" backward. grad_value is summed in shared memory per spatial tile instead of with one global
 // float atomic per (sample, corner, channel):
-//   1. sample kernel (item-parallel, piece layout as above): grad_locations and grad_weights from the
-//      dot products of grad_output with the four corner rows (reduced over the item's lanes with
-//      shuffles), and the tile of every sample that reads a corner inside its level: the tile of its
+//   1. sample kernel (item-parallel, piece layout and item order as above): grad_locations and
+//      grad_weights from the dot products of grad_output with the four corner rows (reduced over the
+//      item's lanes with shuffles), and the tile of every sample that reads a corner inside its level: the tile of its
 //      cell origin (clamped to 0), counted per tile with integer atomics;
 //   2. an exclusive scan of the counts (at::cumsum) and a fill kernel that lists the samples tile by
 //      tile (integer atomics on one cursor per tile);
@@ -69,13 +72,32 @@ struct Levels {
 };
 
 struct Dims {
-  int64_t items;  // B * Q * H
-  int64_t QH;     // Q * H
-  int64_t S;
+  int64_t B, Q, S;
+  int64_t slots;  // item slots: B * ceil(Q / group) * group * H (the last query group may be partial)
   int H, D, L, P;
   int lane_bits;  // lanes per item = 2^lane_bits
   int passes;     // ceil(pieces / (kPieces * lanes))
+  int group;      // items per warp = consecutive queries of one head
 };
+
+// The (batch, query, head) of an item slot: slots run over batches, then groups of `group` consecutive
+// queries, then heads, then the queries of the group.
+struct ItemOf {
+  int64_t b, q, h, item;  // item = (b * Q + q) * H + h, the row of loc, attn, out, grad_out
+  bool valid;             // false past the last query of a partial group or past the last slot
+};
+__device__ __forceinline__ ItemOf item_of(int64_t slot, const Dims& d) {
+  ItemOf it;
+  const int64_t per_group = static_cast<int64_t>(d.group) * d.H;
+  const int64_t per_b = (d.Q + d.group - 1) / d.group * per_group;
+  it.b = slot / per_b;
+  const int64_t r = slot % per_b;
+  it.h = r % per_group / d.group;
+  it.q = r / per_group * d.group + r % d.group;
+  it.valid = slot < d.slots && it.q < d.Q;
+  it.item = (it.b * d.Q + it.q) * d.H + it.h;
+  return it;
+}
 
 // Tiles of the tiled backward: every (batch, head) has `per_bh` tiles, level l's first at offset[l],
 // `across[l]` tiles per tile row; tile (ty, tx) of level l owns pixel rows [ty*side, ty*side + side)
@@ -150,12 +172,11 @@ __global__ void __launch_bounds__(kThreads)
   constexpr int V = kPieceElems<scalar_t>;
   constexpr int NP = kPieces<scalar_t>;
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t item = tid >> d.lane_bits;
-  if (item >= d.items) return;  // no warp-collective operations in the forward
+  const ItemOf it = item_of(tid >> d.lane_bits, d);
+  if (!it.valid) return;  // no warp-collective operations in the forward
   const int lanes = 1 << d.lane_bits;
   const int lane = static_cast<int>(tid & (lanes - 1));
-  const int64_t b = item / d.QH;
-  const int64_t h = item % d.H;
+  const int64_t item = it.item, b = it.b, h = it.h;
   const int64_t row_stride = static_cast<int64_t>(d.H) * d.D;
   const scalar_t* v_bh = value + (b * d.S * d.H + h) * d.D;
   const acc_t* loc_i = loc + item * d.L * d.P * 2;
@@ -228,7 +249,8 @@ template <typename scalar_t, bool kVec>
 __global__ void __launch_bounds__(kThreads)
     tiled_sample_kernel(const scalar_t* __restrict__ value, const at::opmath_type<scalar_t>* __restrict__ loc,
                         const at::opmath_type<scalar_t>* __restrict__ attn, const scalar_t* __restrict__ grad_out,
-                        at::opmath_type<scalar_t>* __restrict__ grad_loc, at::opmath_type<scalar_t>* __restrict__ grad_attn,
+                        at::opmath_type<scalar_t>* __restrict__ grad_loc,
+                        at::opmath_type<scalar_t>* __restrict__ grad_attn,
                         int* __restrict__ tile_of, int* __restrict__ counts, const __grid_constant__ Levels levels,
                         const __grid_constant__ Tiles tiles, const Dims d) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -237,11 +259,12 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int lanes = 1 << d.lane_bits;
   const int lane = static_cast<int>(tid & (lanes - 1));
-  // Threads past the last item stay alive: every lane of a warp must reach the shuffles below.
-  const bool active = (tid >> d.lane_bits) < d.items;
-  const int64_t item = active ? (tid >> d.lane_bits) : 0;
-  const int64_t b = item / d.QH;
-  const int64_t h = item % d.H;
+  // Threads without an item stay alive: every lane of a warp must reach the shuffles below.
+  const ItemOf it = item_of(tid >> d.lane_bits, d);
+  const bool active = it.valid;
+  const int64_t item = active ? it.item : 0;
+  const int64_t b = active ? it.b : 0;
+  const int64_t h = active ? it.h : 0;
   const int64_t row_stride = static_cast<int64_t>(d.H) * d.D;
   const scalar_t* v_bh = value + (b * d.S * d.H + h) * d.D;
   const acc_t* loc_i = loc + item * d.L * d.P * 2;
@@ -526,8 +549,8 @@ Levels make_levels(const Problem& p) {
 
 Dims make_dims(const Problem& p, int piece_elems, int pieces_per_lane) {
   Dims d;
-  d.items = p.B * p.Q * p.H;
-  d.QH = p.Q * p.H;
+  d.B = p.B;
+  d.Q = p.Q;
   d.S = p.S;
   d.H = static_cast<int>(p.H);
   d.D = static_cast<int>(p.D);
@@ -543,6 +566,8 @@ Dims make_dims(const Problem& p, int piece_elems, int pieces_per_lane) {
   }
   d.passes = static_cast<int>((pieces + static_cast<int64_t>(pieces_per_lane) * lanes - 1) /
                               (static_cast<int64_t>(pieces_per_lane) * lanes));
+  d.group = 32 / lanes;
+  d.slots = p.B * ((p.Q + d.group - 1) / d.group) * d.group * p.H;
   return d;
 }
 
@@ -603,7 +628,7 @@ template <typename scalar_t, bool kVec>
 void launch_forward(const at::Tensor& value, const at::Tensor& loc, const at::Tensor& attn, at::Tensor& out,
                     const Levels& levels, const Dims& d, cudaStream_t stream) {
   using acc_t = at::opmath_type<scalar_t>;
-  coalesced_forward_kernel<scalar_t, kVec><<<blocks_for(d.items << d.lane_bits, "threads"), kThreads, 0, stream>>>(
+  coalesced_forward_kernel<scalar_t, kVec><<<blocks_for(d.slots << d.lane_bits, "threads"), kThreads, 0, stream>>>(
       value.data_ptr<scalar_t>(), loc.data_ptr<acc_t>(), attn.data_ptr<acc_t>(), out.data_ptr<scalar_t>(), levels, d);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -613,7 +638,7 @@ void launch_sample(const at::Tensor& value, const at::Tensor& loc, const at::Ten
                    at::Tensor& grad_loc, at::Tensor& grad_attn, at::Tensor& tile_of, at::Tensor& counts,
                    const Levels& levels, const Tiles& tiles, const Dims& d, cudaStream_t stream) {
   using acc_t = at::opmath_type<scalar_t>;
-  tiled_sample_kernel<scalar_t, kVec><<<blocks_for(d.items << d.lane_bits, "threads"), kThreads, 0, stream>>>(
+  tiled_sample_kernel<scalar_t, kVec><<<blocks_for(d.slots << d.lane_bits, "threads"), kThreads, 0, stream>>>(
       value.data_ptr<scalar_t>(), loc.data_ptr<acc_t>(), attn.data_ptr<acc_t>(), grad_out.data_ptr<scalar_t>(),
       grad_loc.data_ptr<acc_t>(), grad_attn.data_ptr<acc_t>(), tile_of.data_ptr<int>(), counts.data_ptr<int>(), levels,
       tiles, d);
@@ -628,11 +653,11 @@ void launch_fill(const at::Tensor& tile_of, at::Tensor& cursor, at::Tensor& entr
 }
 
 template <typename scalar_t>
-void launch_scatter(const at::Tensor& loc, const at::Tensor& attn, const at::Tensor& grad_out, const at::Tensor& entries,
-                    const at::Tensor& bounds, at::Tensor& grad_value_acc, const Levels& levels, const Tiles& tiles,
-                    const Dims& d, cudaStream_t stream) {
+void launch_scatter(const at::Tensor& loc, const at::Tensor& attn, const at::Tensor& grad_out,
+                    const at::Tensor& entries, const at::Tensor& bounds, at::Tensor& grad_value_acc,
+                    const Levels& levels, const Tiles& tiles, const Dims& d, cudaStream_t stream) {
   using acc_t = at::opmath_type<scalar_t>;
-  const auto blocks = static_cast<unsigned int>(d.items / d.QH * d.H * tiles.per_bh * tiles.splits);
+  const auto blocks = static_cast<unsigned int>(d.B * d.H * tiles.per_bh * tiles.splits);
   tiled_scatter_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
       loc.data_ptr<acc_t>(), attn.data_ptr<acc_t>(), grad_out.data_ptr<scalar_t>(), entries.data_ptr<int>(),
       bounds.data_ptr<int>(), grad_value_acc.data_ptr<acc_t>(), levels, tiles, d);
@@ -653,7 +678,8 @@ at::Tensor forward_coalesced(const at::Tensor& value, const at::Tensor& spatial_
   if (out.numel() == 0) return out;
   if (p.L * p.P == 0) return out.zero_();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, value.scalar_type(), "ms_deform_attn_forward_coalesced", [&] {
+  const auto dtype = value.scalar_type();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "ms_deform_attn_forward_coalesced", [&] {
     constexpr int V = kPieceElems<scalar_t>;
     const Dims d = make_dims(p, V, kPieces<scalar_t>);
     if (p.D % V == 0 && aligned16(value.data_ptr()) && aligned16(out.data_ptr())) {
