@@ -5,6 +5,7 @@
     model = maskformers.from_pretrained("facebook/mask2former-swin-tiny-coco-panoptic")  # or a OneFormer
     processor = maskformers.ImageProcessor.from_pretrained("facebook/mask2former-swin-tiny-coco-panoptic")
     # OneFormer: maskformers.OneFormerProcessor.from_pretrained(...)(images, "panoptic") adds task_inputs
+    maskformers.finetune(model, reader, out="runs/ft", max_steps=500)  # writes runs/ft/final (and best/)
 
 The deformable attention op lives in :mod:`maskformers.ops`, the building blocks in
 :mod:`maskformers.models` and :mod:`maskformers.layers`. Names are imported on first use, so
@@ -20,6 +21,7 @@ from ._lazy import lazy_exports
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    "finetune": ".training.run",
     "from_pretrained": ".hub",
     "CheckpointError": ".hub",
     "Mask2Former": ".models.mask2former",
@@ -46,3 +48,4 @@ if TYPE_CHECKING:
     from .processing.image_processor import ImageProcessor
     from .processing.oneformer_processor import OneFormerProcessor
     from .processing.postprocess import post_process_instance, post_process_panoptic, post_process_semantic
+    from .training.run import finetune

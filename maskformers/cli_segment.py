@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_segment_parser", "run_segment", "UsageError"]
+__all__ = ["add_segment_parser", "run_segment", "UsageError", "segments_for_task", "segment_records"]
 
 TASKS = ("panoptic", "semantic", "instance")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -176,7 +176,7 @@ def _unique_stem(path: Path, used: set[str]) -> str:
     return stem
 
 
-def _segments_for_task(task: str, result: Any, ids_from_one: bool) -> tuple[Any, list[dict[str, Any]], int]:
+def segments_for_task(task: str, result: Any, ids_from_one: bool) -> tuple[Any, list[dict[str, Any]], int]:
     """(segmentation map, segments with "id"/"label_id"/"score", PNG offset) of one post-processed image.
     ``ids_from_one``: instance ids start at 1 with 0 = none (OneFormer), else at 0 with -1 = none."""
     if task == "semantic":
@@ -189,30 +189,38 @@ def _segments_for_task(task: str, result: Any, ids_from_one: bool) -> tuple[Any,
     return result["segmentation"], segments, 1 if task == "instance" and not ids_from_one else 0
 
 
+def segment_records(
+    segmentation: Any, segments: list[dict[str, Any]], offset: int, id2label: dict[int, str]
+) -> list[dict[str, Any]]:
+    """One dict per segment (id, label_id, label, score and was_fused when known, area in pixels of the map), as
+    ``NAME_segments.json`` lists them; arguments as :func:`segments_for_task` returns them."""
+    import torch
+
+    counts = torch.bincount((segmentation.to(torch.int64) + offset).flatten())
+    return [
+        {
+            "id": s["id"], "label_id": s["label_id"], "label": id2label.get(s["label_id"], f"class {s['label_id']}"),
+            **({"score": s["score"]} if "score" in s else {}),
+            **({"was_fused": s["was_fused"]} if "was_fused" in s else {}),
+            "area": int(counts[s["id"] + offset]) if s["id"] + offset < len(counts) else 0,
+        }
+        for s in segments
+    ]
+
+
 def _write_outputs(
     out_dir: Path, stem: str, path: Path, image, task: str, model_name: str, result, id2label, ids_from_one: bool
 ) -> None:
-    import torch
-
     from .processing.visualize import overlay_segments, segmentation_to_png
 
-    segmentation, segments, offset = _segments_for_task(task, result, ids_from_one)
+    segmentation, segments, offset = segments_for_task(task, result, ids_from_one)
     segmentation = segmentation.cpu()
     overlay_segments(image, segmentation, segments, id2label=id2label).save(out_dir / f"{stem}_overlay.png")
     segmentation_to_png(segmentation, offset=offset).save(out_dir / f"{stem}_segmentation.png")
-    counts = torch.bincount((segmentation.to(torch.int64) + offset).flatten())
     record = {
         "image": str(path), "height": image.height, "width": image.width, "task": task, "model": model_name,
         "segmentation_png": _PNG_MEANING["instance-oneformer" if task == "instance" and ids_from_one else task],
-        "segments": [
-            {
-                "id": s["id"], "label_id": s["label_id"], "label": id2label.get(s["label_id"], f"class {s['label_id']}"),
-                **({"score": s["score"]} if "score" in s else {}),
-                **({"was_fused": s["was_fused"]} if "was_fused" in s else {}),
-                "area": int(counts[s["id"] + offset]) if s["id"] + offset < len(counts) else 0,
-            }
-            for s in segments
-        ],
+        "segments": segment_records(segmentation, segments, offset, id2label),
     }
     (out_dir / f"{stem}_segments.json").write_text(json.dumps(record, indent=2) + "\n")
 
@@ -241,7 +249,8 @@ def run_segment(args: argparse.Namespace) -> int:
     try:
         model = from_pretrained(args.model)
         runner = SegmentRunner(
-            model, task=args.task, device=device, dtype=getattr(torch, args.dtype), class_info=args.class_info
+            model, task=args.task, device=device, dtype=getattr(torch, args.dtype), class_info=args.class_info,
+            say=lambda message: print(message, file=sys.stderr),
         )
         if "fuse_labels" in post_kwargs:
             post_kwargs["label_ids_to_fuse"] = _fuse_ids(post_kwargs.pop("fuse_labels"), model.id2label)

@@ -25,7 +25,7 @@ from .hub import (
     save_pretrained,
 )
 
-__all__ = ["convert"]
+__all__ = ["check_destination", "convert", "load_source"]
 
 
 def _same_place(a: Path, b: Path) -> bool:
@@ -48,6 +48,13 @@ def convert(src: str | Path, dst: str | Path, *, config: Any = None, force: bool
     ``dst`` must not be ``src`` nor lie inside it, and must be missing or empty unless ``force`` (then
     our files in it are replaced); the result is written into a temporary folder and moved at the end.
     """
+    dst = check_destination(src, dst, force=force)
+    return save_pretrained(load_source(src, config=config), dst)
+
+
+def check_destination(src: str | os.PathLike, dst: str | os.PathLike, *, force: bool = False) -> Path:
+    """``dst`` as a Path, after checking that writing there cannot harm ``src`` or other files: not ``src``
+    nor inside it, not a file, and missing or empty unless ``force``; raises ``ValueError`` otherwise."""
     src_path, dst = Path(src).expanduser(), Path(dst).expanduser()
     if src_path.exists() and (_same_place(src_path, dst) or src_path.resolve() in dst.resolve().parents):
         raise ValueError(f"dst {str(dst)!r} is the source {str(src)!r} or inside it; choose another folder")
@@ -55,13 +62,18 @@ def convert(src: str | Path, dst: str | Path, *, config: Any = None, force: bool
         raise ValueError(f"dst {str(dst)!r} is a file, not a folder")
     if dst.is_dir() and any(dst.iterdir()) and not force:
         raise ValueError(f"dst {str(dst)!r} is not empty; pass force=True (--force) to replace our files in it")
-    if src_path.is_file():
-        model = _convert_original_file(src_path, config)
-    else:
-        if config is not None:
-            raise ValueError("config is only used for original checkpoint files; folders and hub ids carry their own")
-        model = from_pretrained(src)
-    return save_pretrained(model, dst)
+    return dst
+
+
+def load_source(src: str | os.PathLike, *, config: Any = None) -> nn.Module:
+    """The model of any supported source: an original-repository file (``config`` as in :func:`convert`), else a
+    hub id or folder in either layout (:func:`maskformers.hub.from_pretrained`)."""
+    path = Path(src).expanduser()
+    if path.is_file():
+        return _convert_original_file(path, config)
+    if config is not None:
+        raise ValueError("config is only used for original checkpoint files; folders and hub ids carry their own")
+    return from_pretrained(src)
 
 
 def _original_config(api: ModelTypeAPI, converter: Any, raw: Mapping[str, torch.Tensor], config: Any, model_type: str):

@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -141,7 +142,11 @@ def resolve_checkpoint(
     cache_dir: str | Path | None = None,
     local_files_only: bool = False,
 ) -> Path:
-    """The local folder of a checkpoint: ``name_or_path`` itself, or a hub id downloaded (config, weights)."""
+    """The local folder of a checkpoint: ``name_or_path`` itself, or a hub id downloaded (config, weights).
+
+    A name that can only be a local path (absolute, starting with ``.`` or ``~``, more than one ``/``) or
+    whose first part is an existing local folder (``runs/bset`` beside ``runs/``) is never looked up on the
+    hub: when it is missing the error says "no such folder" and what its parent holds."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
@@ -150,10 +155,9 @@ def resolve_checkpoint(
             f"{path} is a file; expected a checkpoint folder or a hub id (use convert() for single files)"
         )
     name = str(name_or_path)
-    if not _REPO_ID.match(name):
-        raise CheckpointError(
-            f"{name!r} is neither an existing folder nor a hub id like 'facebook/mask2former-swin-tiny-coco-panoptic'"
-        )
+    hub_like = bool(_REPO_ID.match(name)) and not name.startswith((".", "~"))
+    if not hub_like or Path(name.split("/")[0]).is_dir():
+        raise CheckpointError(_no_such_folder(path, hub_like=hub_like))
     from huggingface_hub import snapshot_download
 
     kwargs = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
@@ -167,6 +171,25 @@ def resolve_checkpoint(
             "pass a local folder with config.json and model.safetensors or pytorch_model.bin instead"
         ) from exc
     return folder
+
+
+def _no_such_folder(path: Path, *, hub_like: bool) -> str:
+    """The error for a checkpoint folder that does not exist: the nearest existing parent and what it holds."""
+    parent = path.parent
+    while not parent.is_dir() and parent != parent.parent:
+        parent = parent.parent
+    message = f"no such folder: {path}"
+    if parent.is_dir() and parent != path.parent:
+        message += f" ({parent} exists, {path.parent} does not)"
+    elif parent.is_dir():
+        entries = sorted(p.name for p in parent.iterdir() if p.is_dir() and not p.name.startswith("."))
+        shown = ", ".join(entries[:8]) + (", ..." if len(entries) > 8 else "")
+        message += f" ({parent} holds the folders: {shown})" if entries else f" ({parent} holds no folder)"
+    if hub_like:
+        message += f"; not looked up on the hub because the local folder {path.parts[0]}/ exists"
+    elif len(path.parts) == 1 and not path.is_absolute():
+        message += "; a hub id looks like 'facebook/mask2former-swin-tiny-coco-panoptic'"
+    return message
 
 
 def checkpoint_model_type(folder: Path) -> str:
@@ -368,21 +391,51 @@ def _write_folder(model: nn.Module, folder: Path) -> None:
         (folder / extra).write_bytes(content)
 
 
-def save_pretrained(model: nn.Module, folder: str | Path) -> Path:
-    """Write ``model.safetensors`` and ``maskformers_config.json`` (+ ``preprocessor_config.json`` when the
-    model carries one) into ``folder``; :func:`from_pretrained` reads them back. The files are written
-    into a temporary folder next to ``folder`` and moved in at the end, so an interrupted save leaves
-    the previous files intact."""
+def save_pretrained(
+    model: nn.Module,
+    folder: str | Path,
+    *,
+    format: str = "maskformers",
+    with_text_mapper: bool = False,
+    tokenizer: Any = None,
+) -> Path:
+    """Write ``model`` into ``folder``; :func:`from_pretrained` reads either layout back.
+
+    format="maskformers": ``model.safetensors`` and ``maskformers_config.json`` (+ ``preprocessor_config.json``
+    and the tokenizer / class-info files when the model carries them). format="transformers": the folder
+    transformers' ``from_pretrained`` (and ``AutoImageProcessor`` / ``OneFormerProcessor``) reads, see
+    :mod:`maskformers.export`; ``with_text_mapper`` keeps a OneFormer's text mapper (``is_training``), and
+    ``tokenizer`` (a ``CLIPTokenizer``, a folder or CLIP's BPE file) supplies a OneFormer's tokenizer files
+    when the model did not bring them from its checkpoint. Settings transformers cannot represent raise
+    ``ValueError``; differences that do not block the export are shown once as a ``UserWarning``.
+
+    The files are written into a temporary folder next to ``folder`` and moved in at the end, so an
+    interrupted save leaves the previous files intact."""
+    if format not in ("maskformers", "transformers"):
+        raise ValueError(f"format must be 'maskformers' or 'transformers', got {format!r}")
+    if format == "maskformers" and (with_text_mapper or tokenizer is not None):
+        raise ValueError("with_text_mapper and tokenizer apply to format='transformers' only")
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"cannot save into {folder}: it is a file")
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    notes: list[str] = []
     try:
-        _write_folder(model, tmp)
+        if format == "transformers":
+            from .export import write_transformers_folder
+
+            notes = write_transformers_folder(model, tmp, with_text_mapper=with_text_mapper, tokenizer=tokenizer)
+        else:
+            _write_folder(model, tmp)
         folder.mkdir(exist_ok=True)
+        if format == "transformers":  # a config of ours would make from_pretrained read the folder as ours
+            (folder / OUR_CONFIG).unlink(missing_ok=True)
         for item in tmp.iterdir():
             os.replace(item, folder / item.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    if notes:
+        warnings.warn(f"exported {type(model).__name__} to transformers ({folder}) with these differences:\n- "
+                      + "\n- ".join(notes), UserWarning, stacklevel=2)
     return folder

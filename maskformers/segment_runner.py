@@ -20,10 +20,12 @@ class SegmentRunner:
     """``runner(batch, post_kwargs, failures, warn)`` -> one result per image (None for failed ones)."""
 
     def __init__(
-        self, model: nn.Module, *, task: str, device: torch.device, dtype: torch.dtype, class_info: Any = None
+        self, model: nn.Module, *, task: str, device: torch.device, dtype: torch.dtype, class_info: Any = None,
+        say: Callable[[str], None] | None = None,
     ) -> None:
         from .models.oneformer import OneFormer
-        from .processing import ImageProcessor, post_process_instance, post_process_panoptic, post_process_semantic
+        from .processing import post_process_instance, post_process_panoptic, post_process_semantic
+        from .processing.model_settings import image_processor_for
 
         self.task = task
         self.device, self.dtype = device, dtype
@@ -42,9 +44,8 @@ class SegmentRunner:
             info = self.processor.class_info
             if task == "panoptic" and info is not None:  # the original merges every stuff class into one segment
                 self.post_defaults["label_ids_to_fuse"] = set(info.stuff_ids)
-        else:
-            config = model.preprocessor_config
-            self.processor = ImageProcessor.from_pretrained(config) if config else ImageProcessor()
+        else:  # the model's saved settings: the rule `maskformers evaluate` follows too
+            self.processor = image_processor_for(model, say=say)
         self.post = post[task]
         self._warned_non_finite = False
 

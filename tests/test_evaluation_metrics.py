@@ -38,6 +38,23 @@ def test_panoptic_quality_hand_made():
     assert out["PQ_st"] == pytest.approx(10 / 12 * 100)
     assert out["PQ"] == pytest.approx((0.375 + 10 / 12) / 2 * 100)
     assert out["n"] == 2 and out["n_th"] == 1 and out["n_st"] == 1
+    assert out["per_class"] == {0: pytest.approx({"PQ": 37.5, "SQ": 75.0, "RQ": 50.0, "TP": 1, "FP": 1, "FN": 1}),
+                                1: pytest.approx({"PQ": 1000 / 12, "SQ": 1000 / 12, "RQ": 100.0, "TP": 1, "FP": 0,
+                                                  "FN": 0})}
+
+
+def test_metrics_without_classes_are_none_not_zero():
+    """PQ_th of a dataset without thing classes, mIoU without a pixel, AP without ground truth: None ("n/a"),
+    never a 0.0 or COCOeval's -1 that reads like a score."""
+    pq = PanopticQuality(num_classes=2, thing_ids=[])
+    pq.update(_row((1, 4)), [{"id": 1, "category_id": 1}], _row((1, 4)), [{"id": 1, "category_id": 1}])
+    out = pq.compute()
+    assert out["PQ_st"] == 100.0 and out["PQ_th"] is None and out["SQ_th"] is None and out["n_th"] == 0
+    empty = SemanticIoU(num_classes=2).compute()
+    assert empty["mIoU"] is None and empty["pACC"] is None and empty["mACC"] is None
+    from maskformers.evaluation.evaluate import format_table
+
+    assert format_table({"PQ": 100.0, "PQ_th": None}).splitlines()[1].split() == ["100.00", "n/a"]
 
 
 def test_panoptic_quality_match_needs_iou_above_half_and_same_class():
@@ -67,7 +84,9 @@ def test_semantic_iou_hand_made():
     m.update(torch.tensor([0, 1, 1, 1, 2, 2]), torch.tensor([0, 0, 1, 1, 255, 1]))
     out = m.compute()
     # class 0: 1 / 2; class 1: 2 / 4; class 2: predicted once where the truth is 1 -> IoU 0, still counted
-    assert out["per_class_IoU"] == pytest.approx({0: 50.0, 1: 50.0, 2: 0.0})
+    assert {c: r["IoU"] for c, r in out["per_class"].items()} == pytest.approx({0: 50.0, 1: 50.0, 2: 0.0})
+    assert out["per_class"][0]["ACC"] == 50.0 and out["per_class"][2]["ACC"] is None  # 2 is never in the truth
+    assert out["confusion"].tolist() == [[1, 1, 0], [0, 2, 1], [0, 0, 0]]  # rows: ground truth
     assert out["mIoU"] == pytest.approx(100 / 3)
     assert out["pACC"] == pytest.approx(60.0)
     m2 = SemanticIoU(num_classes=3)
@@ -94,10 +113,17 @@ def test_mask_ap_hand_made():
     out = partial.compute()
     assert out["AP50"] == pytest.approx(100.0) and out["AP75"] == pytest.approx(0.0)
     assert out["AP"] == pytest.approx(30.0)  # matched at IoU thresholds 0.50, 0.55, 0.60 of ten
-    assert out["APs"] == pytest.approx(30.0) and out["APl"] == -1.0  # no large objects
+    assert out["APs"] == pytest.approx(30.0) and out["APl"] is None  # no large objects: n/a, not -1
+    assert out["per_class"] == {0: {"AP": pytest.approx(30.0)}, 1: {"AP": None}}
     wrong_class = MaskAP(class_ids=[0, 1])
     wrong_class.update(gt, torch.tensor([1]), torch.tensor([0.9]), gt, torch.tensor([0]))
-    assert wrong_class.compute()["AP"] == 0.0
+    out = wrong_class.compute()
+    assert out["AP"] == 0.0 and out["per_class"] == {0: {"AP": 0.0}, 1: {"AP": None}}
+    nothing = MaskAP(class_ids=[0, 1])
+    nothing.update(gt[:0], torch.tensor([], dtype=torch.int64), torch.tensor([]), gt, torch.tensor([0]))
+    out = nothing.compute()  # ground truth but no prediction: 0 where there is an object, None elsewhere
+    assert out["AP"] == 0.0 and out["APs"] == 0.0 and out["APm"] is None and out["per_class"][1] == {"AP": None}
+    assert MaskAP(class_ids=[0]).compute()["AP"] is None  # no ground truth at all
 
 
 def _oracle_logits(segments_per_image, shape, *, queries=12, num_classes=8):
@@ -142,9 +168,18 @@ def test_evaluate_model_end_to_end_on_a_perfect_oracle():
                                      hidden_states=torch.zeros(len(cls), cls.shape[1], 1))
 
     model = Oracle()
-    metrics = evaluate_model(model, scenes, tasks=["panoptic", "semantic", "instance"], batch_size=2)
+    metrics = evaluate_model(model, scenes, tasks=["panoptic", "semantic", "instance"], batch_size=2, per_class=True)
     for name in ("PQ", "SQ", "RQ", "PQ_th", "PQ_st", "mIoU", "pACC", "AP", "AP50", "AP75"):
         assert metrics[name] == pytest.approx(100.0), name
+    present = {c for i in range(3) for c in scenes[i]["labels"].tolist()}
+    assert sorted(metrics["per_class"]) == list(range(8)) and len(present) < 8
+    for c, row in metrics["per_class"].items():  # every class present scored 100; AP for the thing classes only
+        keys = ("PQ", "SQ", "RQ", "IoU", "ACC") + (("AP",) if c in scenes.thing_ids else ())
+        assert all(row[k] == pytest.approx(100.0) if c in present else row[k] is None for k in keys), (c, row)
+        assert row["FP"] == row["FN"] == (0 if c in present else None)
+        assert c in scenes.thing_ids or row["AP"] is None  # stuff: no AP
+    confusion = torch.tensor(metrics["confusion"])
+    assert confusion.shape == (8, 8) and confusion.sum() > 0 and torch.equal(confusion, confusion.diag().diag())
 
 
 @pytest.fixture(scope="module")

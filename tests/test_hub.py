@@ -315,8 +315,27 @@ def test_folder_without_weights_or_config(hf_folder, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="neither config.json"):
         load_mask2former(tmp_path / "empty")
-    with pytest.raises(CheckpointError, match="neither an existing folder nor a hub id"):
+    with pytest.raises(CheckpointError, match=r"no such folder: .*does/not/exist \(.* exists, .*does/not does not\)"):
         load_mask2former(tmp_path / "does" / "not" / "exist")
+
+
+def test_mistyped_local_folder_is_not_looked_up_on_the_hub(tmp_path, monkeypatch):
+    """`runs/bset` beside an existing `runs/` is a mistyped folder, not a hub id: "no such folder" with what
+    `runs/` holds, and no download is tried."""
+    import huggingface_hub
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("a local path went to the hub")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_download)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "best").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match=r"^no such folder: runs/bset \(runs holds the folders: best\); not "
+                                              r"looked up on the hub because the local folder runs/ exists$"):
+        load_mask2former("runs/bset")
+    with pytest.raises(CheckpointError, match=r"^no such folder: runs/best/x/y \(runs/best exists, runs/best/x does "
+                                              r"not\)$"):
+        load_mask2former("./runs/best/x/y")
 
 
 def test_wrong_model_type(hf_folder, tmp_path):

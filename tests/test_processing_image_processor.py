@@ -175,6 +175,38 @@ def test_from_pretrained_folder_file_and_dict(tmp_path):
     _assert_same(from_folder(images), reference(images, return_tensors="pt"))
 
 
+def test_size_divisibility_pads_to_a_multiple_as_the_original_repos(tmp_path):
+    """size_divisibility=32 pads the batch canvas up to a multiple of 32 (detectron2's ImageList) without
+    stretching the image: exactly the batch our training and evaluation build (collate); 0, the default,
+    keeps transformers' canvas. The key round-trips, and transformers' processor still loads the file."""
+    from maskformers.training.data import collate
+
+    images = _images([(97, 131), (60, 70)])
+    padded = ImageProcessor(do_resize=False, size_divisibility=32)(images)
+    assert padded["pixel_values"].shape == (2, 3, 128, 160)
+    assert padded["image_sizes"].tolist() == [[97, 131], [60, 70]]
+    assert padded["pixel_mask"].sum((1, 2)).tolist() == [97 * 131, 60 * 70]
+    samples = [{"image": torch.from_numpy(im).permute(2, 0, 1).contiguous()} for im in images]
+    batch = collate([(s, {"labels": torch.zeros(0), "masks": torch.zeros(0, *s["image"].shape[1:], dtype=bool)})
+                     for s in samples], size_divisibility=32)
+    assert torch.equal(padded["pixel_values"], batch["pixel_values"])
+    assert torch.equal(padded["pixel_mask"], batch["pixel_mask"])
+
+    config = {"size": {"shortest_edge": 64, "longest_edge": 256}, "size_divisor": 0}
+    plain = ImageProcessor(**config)(images[:1])
+    _assert_same(plain, _reference(config, images[:1]))  # the default: transformers' canvas (64 x 86)
+    assert plain["pixel_values"].shape[-2:] == (64, 86)
+    divisible = ImageProcessor(**config, size_divisibility=32)
+    out = divisible(images[:1])
+    assert out["pixel_values"].shape[-2:] == (64, 96)
+    assert torch.equal(out["pixel_values"][..., :86], plain["pixel_values"]) and not out["pixel_values"][..., 86:].any()
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(divisible.to_dict()))
+    assert ImageProcessor.from_pretrained(tmp_path).size_divisibility == 32
+    assert ImageProcessor.from_dict(config).size_divisibility == 0  # a transformers config has no such key
+    theirs = Mask2FormerImageProcessor.from_pretrained(tmp_path)
+    _assert_same(plain, theirs(images[:1], return_tensors="pt", do_convert_rgb=True))
+
+
 def test_hub_style_config_keys():
     """The hub checkpoints' preprocessor_config.json (older key names included) loads."""
     config = {
@@ -201,6 +233,8 @@ def test_hub_style_config_keys():
         ({"image_mean": [0.5, 0.5]}, "image_mean"),
         ({"image_std": [0.5, 0.0, 0.5]}, "nonzero"),
         ({"size_divisor": -1}, "size_divisor"),
+        ({"size_divisibility": -32}, "size_divisibility"),
+        ({"size_divisibility": True}, "size_divisibility"),
         ({"pad_size": {"shortest_edge": 3, "longest_edge": 4}}, "pad_size"),
     ],
 )

@@ -232,7 +232,7 @@ def test_bf16_autocast_step_and_skipped_samples_are_counted():
     from maskformers.training.data import SampleError, TrainingDataset
     from maskformers.training.loop import train
 
-    model, data, cfg = _tiny_setup(amp="bf16", max_steps=2)
+    model, data, cfg = _tiny_setup(amp="bf16", max_steps=2, max_skip_rate=0.2)  # 1 of 8 samples is bad
     bad = batch_indices(0, 0, num_samples=len(data), config=cfg)[1][0]  # a sample of the first batch
 
     class Flaky:
@@ -249,6 +249,7 @@ def test_bf16_autocast_step_and_skipped_samples_are_counted():
     before = [p.detach().clone() for p in model.parameters()]
     result = train(model, TrainingDataset(Flaky(), task="panoptic", on_error="skip"), config=cfg, progress=False)
     assert result.step == 2 and result.skipped == 1
+    assert result.skipped_samples == {bad: "scene-3.png: unreadable image (test)"}
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in result.losses)
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
     with pytest.raises(SampleError, match="scene-3.png"):

@@ -100,7 +100,8 @@ def backbone_spec_from_hf_config(config: Mapping[str, Any], *, where: str = "bac
     """The backbone spec a transformers ``backbone_config`` dict describes.
 
     Supports ``model_type`` "swin" (every Mask2Former/OneFormer Swin checkpoint), "resnet" (bottleneck,
-    torchvision layout) and "dinat" (the OneFormer DiNAT checkpoints). Options these backbones cannot reproduce (absolute position embeddings, other
+    torchvision layout), "convnext" (the OneFormer ConvNeXt checkpoints) and "dinat" (the OneFormer DiNAT
+    checkpoints). Options these backbones cannot reproduce (absolute position embeddings, other
     activations or eps, hidden dropout, a subset of stages) raise. The spec holds plain JSON values.
     """
     if not isinstance(config, Mapping):
@@ -142,7 +143,33 @@ def backbone_spec_from_hf_config(config: Mapping[str, Any], *, where: str = "bac
         return {"name": "resnet", "depth": depth, "in_chans": _typed(config, "num_channels", int, 3, where)}
     if model_type == "dinat":
         return _dinat_spec(config, where)
-    raise ConversionError(f"{where}: unsupported model_type={model_type!r}; supported: 'swin', 'resnet', 'dinat'")
+    if model_type == "convnext":
+        return _convnext_spec(config, where)
+    raise ConversionError(
+        f"{where}: unsupported model_type={model_type!r}; supported: 'swin', 'resnet', 'convnext', 'dinat'"
+    )
+
+
+def _convnext_spec(config: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """A transformers ``ConvNextConfig`` dict -> the spec of ``maskformers.models.convnext.convnext_backbone``
+    (transformers' ``ConvNextBackbone``: 7x7 depthwise kernels, every LayerNorm at eps 1e-6; ``layer_norm_eps``
+    is read only by ``ConvNextModel``'s final norm, which the backbone does not have)."""
+    depths = _int_list(config, "depths", [3, 3, 9, 3], where)
+    dims = _int_list(config, "hidden_sizes", [96, 192, 384, 768], where)
+    if len(dims) != len(depths) or config.get("num_stages", len(depths)) != len(depths):
+        raise ConversionError(f"{where}: hidden_sizes={dims} and num_stages must give one entry per stage of {depths}")
+    for key, expected in [("patch_size", 4), ("hidden_act", "gelu")]:
+        _require(config, key, expected, expected, where)
+    _require_all_stages(config, len(depths), where)
+    return {
+        "name": "convnext",
+        "depths": depths,
+        "dims": dims,
+        "kernel_size": 7,
+        "layer_scale_init_value": _typed(config, "layer_scale_init_value", float, 1e-6, where),
+        "drop_path_rate": _typed(config, "drop_path_rate", float, 0.0, where),
+        "in_chans": _typed(config, "num_channels", int, 3, where),
+    }
 
 
 # transformers' DinatConfig default dilations (its ImageNet models)

@@ -21,7 +21,7 @@ import torch
 
 from weights_convert.rules import Rule, apply_rules
 
-__all__ = ["convert", "flatten_layer_scale", "rules"]
+__all__ = ["convert", "flatten_layer_scale", "rules", "unflatten_layer_scale"]
 
 _PARAM = r"(weight|bias)"
 
@@ -67,6 +67,15 @@ def flatten_layer_scale(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.
     for key, value in state_dict.items():
         if key.endswith((".gamma1", ".gamma2")) and value.dim() == 2 and value.shape[0] == 1:
             state_dict[key] = value.reshape(-1)
+    return state_dict
+
+
+def unflatten_layer_scale(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`flatten_layer_scale`: (C,) ``gamma1``/``gamma2`` -> (1, C) chunks, in place, so that
+    writing them back concatenates them into transformers' (2, C) ``layer_scale_parameters``."""
+    for key, value in state_dict.items():
+        if key.endswith((".gamma1", ".gamma2")) and value.dim() == 1:
+            state_dict[key] = value.reshape(1, -1)
     return state_dict
 
 

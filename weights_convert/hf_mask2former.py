@@ -1,7 +1,8 @@
 """transformers ``Mask2FormerForUniversalSegmentation`` checkpoints -> ``maskformers.Mask2Former`` state dicts.
 
 Handles files written by transformers 4.x (the hub checkpoints) and by 5.x ``save_pretrained`` (which
-writes the same 4.x names plus an unused ``...encoder.swin.layernorm``; the backbone rules decide).
+writes the same 4.x names plus an unused ``...encoder.swin.layernorm``; the backbone rules decide), with a
+Swin, ResNet, ConvNeXt or DiNAT ``backbone_config`` (:mod:`weights_convert.hf_backbones`).
 Pure functions of a state dict: a regex rename table on :mod:`weights_convert.rules` plus one split
 (the packed ``nn.MultiheadAttention.in_proj_*`` of the cross-attention into q, k, v, in that order).
 ``criterion.empty_weight`` (a loss buffer) is dropped on purpose; any other unused key is an error.
@@ -14,6 +15,7 @@ from collections.abc import Mapping
 
 import torch
 
+from . import hf_backbones
 from .rules import Rule, apply_rules
 
 __all__ = ["pixel_decoder_rules", "transformer_decoder_rules", "query_rules", "rules", "convert_state_dict"]
@@ -85,20 +87,10 @@ def query_rules(src: str = HF_TRANSFORMER, dst: str = "") -> list[Rule]:
     ]
 
 
-def _backbone_rules(backbone_type: str) -> list[Rule]:
-    if backbone_type != "swin":
-        raise ValueError(
-            f"transformers Mask2Former checkpoints with a {backbone_type!r} backbone are not supported (only 'swin')"
-        )
-    from . import hf_swin
-
-    return list(hf_swin.rules(HF_BACKBONE, "backbone."))
-
-
 def rules(backbone_type: str = "swin") -> list[Rule]:
     """The whole rename table of a ``Mask2FormerForUniversalSegmentation`` checkpoint."""
     return [
-        *_backbone_rules(backbone_type),
+        *hf_backbones.rules(backbone_type, HF_BACKBONE, "backbone.", model="transformers Mask2Former"),
         *pixel_decoder_rules(),
         *transformer_decoder_rules(),
         *query_rules(),
@@ -111,4 +103,4 @@ def convert_state_dict(
 ) -> dict[str, torch.Tensor]:
     """Rename a transformers Mask2Former state dict to ours; raises ``ConversionError`` listing every
     key no rule uses, duplicates and bad splits."""
-    return apply_rules(state_dict, rules(backbone_type), source=source)
+    return hf_backbones.after_rules(backbone_type, apply_rules(state_dict, rules(backbone_type), source=source))

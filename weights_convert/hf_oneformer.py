@@ -26,6 +26,7 @@ import torch
 
 from .hf_mask2former import HF_BACKBONE, HF_PIXEL_DECODER, HF_TRANSFORMER, pixel_decoder_rules
 from .d2_oneformer import query_transformer_rules as _original_query_transformer_rules
+from . import hf_backbones
 from .rules import Rule, apply_rules, packed_qkv
 
 __all__ = ["rules", "convert_state_dict", "decoder_rules", "query_transformer_rules", "text_mapper_rules"]
@@ -73,24 +74,10 @@ def text_mapper_rules(src: str = "model.text_mapper.", dst: str = "text_mapper."
     ]
 
 
-def _backbone_rules(backbone_type: str) -> list[Rule]:
-    if backbone_type == "swin":
-        from . import hf_swin
-
-        return list(hf_swin.rules(HF_BACKBONE, "backbone."))
-    if backbone_type == "dinat":
-        from . import hf_dinat
-
-        return list(hf_dinat.rules(HF_BACKBONE, "backbone."))
-    raise ValueError(
-        f"transformers OneFormer checkpoints with a {backbone_type!r} backbone are not supported (only 'swin', 'dinat')"
-    )
-
-
 def rules(backbone_type: str = "swin") -> list[Rule]:
     """The whole rename table of a ``OneFormerForUniversalSegmentation`` checkpoint."""
     return [
-        *_backbone_rules(backbone_type),
+        *hf_backbones.rules(backbone_type, HF_BACKBONE, "backbone.", model="transformers OneFormer"),
         *pixel_decoder_rules(HF_PIXEL_DECODER, "pixel_decoder."),
         *query_transformer_rules(),
         *decoder_rules(),
@@ -105,9 +92,4 @@ def convert_state_dict(
 ) -> dict[str, torch.Tensor]:
     """Rename a transformers OneFormer state dict to ours; raises ``ConversionError`` listing every key no
     rule uses, duplicates and bad splits."""
-    state = apply_rules(state_dict, rules(backbone_type), source=source)
-    if backbone_type == "dinat":  # layer-scale chunks keep a (1, C) shape from the split; ours are (C,)
-        from .hf_dinat import flatten_layer_scale
-
-        state = flatten_layer_scale(state)
-    return state
+    return hf_backbones.after_rules(backbone_type, apply_rules(state_dict, rules(backbone_type), source=source))

@@ -1,13 +1,16 @@
 """COCO mask AP through pycocotools' COCOeval (iouType "segm"): the standard AP, AP50, AP75, APs/m/l.
 
 Ground truth and predictions are given per image as binary masks; they are RLE-encoded and evaluated
-in memory. pycocotools is an optional dependency (``pip install pycocotools``), imported when used.
+in memory. pycocotools is an optional dependency (``pip install "maskformers[train]"`` or ``pip install
+pycocotools``), imported when used. A number COCOeval cannot measure (APs when no object is small, any AP
+without ground truth) is None, not COCOeval's -1.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import math
 import warnings
 from collections.abc import Iterable
 from typing import Any
@@ -35,7 +38,9 @@ class MaskAP:
         try:
             import pycocotools  # noqa: F401
         except ImportError as exc:
-            raise ImportError("COCO mask AP needs pycocotools: pip install pycocotools") from exc
+            from ..training.readers_coco import PYCOCOTOOLS_HINT
+
+            raise ImportError(f"COCO mask AP needs pycocotools: {PYCOCOTOOLS_HINT}") from exc
         self.class_ids = sorted(int(c) for c in class_ids)
         self.images: list[dict[str, Any]] = []
         self.gt: list[dict[str, Any]] = []
@@ -62,26 +67,38 @@ class MaskAP:
             self.dt.append({"image_id": image_id, "category_id": int(label), "segmentation": rle,
                             "score": float(score)})
 
-    def compute(self) -> dict[str, float]:
-        """AP, AP50, AP75, APs, APm, APl in percent (-1 where COCOeval has nothing to measure)."""
+    def compute(self) -> dict[str, Any]:
+        """AP, AP50, AP75, APs, APm, APl in percent (None where COCOeval has nothing to measure) and
+        "per_class": {class id: {"AP": AP or None}} over the classes of ``class_ids``."""
         from pycocotools.coco import COCO
         from pycocotools.cocoeval import COCOeval
 
         names = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
         if not self.gt:
-            return {n: float("nan") for n in names}
+            return {**{n: None for n in names}, "per_class": {c: {"AP": None} for c in self.class_ids}}
+        if not self.dt:
+            areas = [a["area"] for a in self.gt if not a["iscrowd"]]
+            present = {a["category_id"] for a in self.gt if not a["iscrowd"]}
+            ranges = {"AP": (0, math.inf), "AP50": (0, math.inf), "AP75": (0, math.inf),  # COCOeval's areas
+                      "APs": (0, 32**2), "APm": (32**2, 96**2), "APl": (96**2, math.inf)}
+            out = {n: 0.0 if any(lo <= a < hi for a in areas) else None for n, (lo, hi) in ranges.items()}
+            return {**out, "per_class": {c: {"AP": 0.0 if c in present else None} for c in self.class_ids}}
         coco_gt = COCO()
         coco_gt.dataset = {"images": self.images, "annotations": self.gt,
                            "categories": [{"id": c} for c in self.class_ids]}
         with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             coco_gt.createIndex()
-            coco_dt = coco_gt.loadRes(self.dt) if self.dt else COCO()
-            if not self.dt:
-                return {n: 0.0 for n in names}
+            coco_dt = coco_gt.loadRes(self.dt)
             evaluator = COCOeval(coco_gt, coco_dt, iouType="segm")
             evaluator.evaluate()
             evaluator.accumulate()
             evaluator.summarize()
-        stats = evaluator.stats[:6]
-        return {n: float(v * 100) if v >= 0 else float(v) for n, v in zip(names, stats)}
+        out: dict[str, Any] = {n: float(v * 100) if v >= 0 else None for n, v in zip(names, evaluator.stats[:6])}
+        precision = evaluator.eval["precision"]  # (IoU thresholds, recall points, classes, areas, max dets)
+        per_class = {}
+        for k, c in enumerate(evaluator.params.catIds):
+            p = precision[:, :, k, 0, -1]  # area "all", 100 detections
+            per_class[int(c)] = {"AP": float(p[p > -1].mean() * 100) if (p > -1).any() else None}
+        out["per_class"] = per_class
+        return out

@@ -6,7 +6,7 @@ non-crowd ground-truth segments are false negatives; an unmatched prediction is 
 more than half of it lies on void or on a crowd region of its class. Per class
 ``PQ = sum(IoU of matches) / (TP + FP/2 + FN/2)``, ``SQ = sum(IoU) / TP``, ``RQ = TP / (TP + FP/2 + FN/2)``;
 the reported numbers average the classes that occur (TP + FP + FN > 0), over all, things and stuff,
-in percent.
+in percent; a group without such a class has no number (None), not 0.
 """
 
 from __future__ import annotations
@@ -88,7 +88,9 @@ class PanopticQuality:
             self.fp[cat] += 1
 
     def compute(self) -> dict[str, Any]:
-        """PQ, SQ, RQ (percent) over all / thing / stuff classes, counts, and per-class PQ."""
+        """PQ, SQ, RQ (percent) over all / thing / stuff classes (None for a group without a class that
+        occurs, e.g. PQ_th of a dataset without things), class counts "n", "n_th", "n_st", and "per_class":
+        {class id: {"PQ", "SQ", "RQ", "TP", "FP", "FN"}} for the classes that occur."""
         tp, fp, fn = self.tp.double(), self.fp.double(), self.fn.double()
         present = (tp + fp + fn) > 0
         denom = (tp + 0.5 * fp + 0.5 * fn).clamp(min=1e-12)
@@ -99,7 +101,9 @@ class PanopticQuality:
         for suffix, select in (("", present), ("_th", present & is_thing), ("_st", present & ~is_thing)):
             n = int(select.sum())
             for name, values in (("PQ", pq), ("SQ", sq), ("RQ", rq)):
-                out[name + suffix] = float(values[select].mean() * 100) if n else 0.0
+                out[name + suffix] = float(values[select].mean() * 100) if n else None
             out["n" + suffix] = n
-        out["per_class_PQ"] = {c: float(pq[c] * 100) for c in range(self.num_classes) if present[c]}
+        out["per_class"] = {c: {"PQ": float(pq[c] * 100), "SQ": float(sq[c] * 100), "RQ": float(rq[c] * 100),
+                                "TP": int(self.tp[c]), "FP": int(self.fp[c]), "FN": int(self.fn[c])}
+                            for c in range(self.num_classes) if present[c]}
         return out

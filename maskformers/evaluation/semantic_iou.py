@@ -35,17 +35,24 @@ class SemanticIoU:
                                          minlength=self.num_classes**2).view(self.num_classes, self.num_classes)
 
     def compute(self) -> dict[str, Any]:
+        """mIoU, fwIoU, pACC, mACC (percent; None without a pixel to measure), "per_class": {class id:
+        {"IoU", "ACC"}} for the classes in the ground truth or the predictions (ACC None for a class only
+        predicted), and "confusion": the (num_classes, num_classes) int64 counts, rows ground truth."""
         cm = self.confusion.double()
         tp = cm.diagonal()
         gt_total, pred_total = cm.sum(1), cm.sum(0)
         union = gt_total + pred_total - tp
         valid = union > 0
         iou = torch.where(valid, tp / union.clamp(min=1), torch.zeros_like(tp))
-        total = cm.sum().clamp(min=1)
+        acc = tp / gt_total.clamp(min=1)
+        total = cm.sum()
+        measured = bool(total > 0)
         return {
-            "mIoU": float(iou[valid].mean() * 100) if valid.any() else 0.0,
-            "fwIoU": float((gt_total / total * iou).sum() * 100),
-            "pACC": float(tp.sum() / total * 100),
-            "mACC": float((tp / gt_total.clamp(min=1))[gt_total > 0].mean() * 100) if (gt_total > 0).any() else 0.0,
-            "per_class_IoU": {c: float(iou[c] * 100) for c in range(self.num_classes) if valid[c]},
+            "mIoU": float(iou[valid].mean() * 100) if valid.any() else None,
+            "fwIoU": float((gt_total / total * iou).sum() * 100) if measured else None,
+            "pACC": float(tp.sum() / total * 100) if measured else None,
+            "mACC": float(acc[gt_total > 0].mean() * 100) if (gt_total > 0).any() else None,
+            "per_class": {c: {"IoU": float(iou[c] * 100), "ACC": float(acc[c] * 100) if gt_total[c] > 0 else None}
+                          for c in range(self.num_classes) if valid[c]},
+            "confusion": self.confusion.clone(),
         }

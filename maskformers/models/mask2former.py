@@ -139,11 +139,21 @@ class Mask2Former(nn.Module):
 
         return from_pretrained(name_or_path, model_type="mask2former", **kwargs)
 
-    def save_pretrained(self, folder: str | Path) -> Path:
-        """Write ``model.safetensors`` (our parameter names) and ``maskformers_config.json``."""
+    def save_pretrained(self, folder: str | Path, *, format: str = "maskformers", **options: Any) -> Path:
+        """Write ``model.safetensors`` (our parameter names) and ``maskformers_config.json``; with
+        ``format="transformers"`` the folder transformers' ``from_pretrained`` reads. See
+        :func:`maskformers.hub.save_pretrained` for ``options``."""
         from ..hub import save_pretrained
 
-        return save_pretrained(self, folder)
+        return save_pretrained(self, folder, format=format, **options)
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
+        """Upload to the hub repository ``repo_id`` (``NAMESPACE/NAME``, created if missing) with a model card;
+        returns the commit URL. Keywords: ``private``, ``token``, ``commit_message``, ``endpoint`` (see
+        :func:`maskformers.publish.push_to_hub`)."""
+        from ..publish import push_to_hub
+
+        return push_to_hub(self, repo_id, **kwargs)
 
 
 def build_mask2former(

@@ -9,7 +9,12 @@ Follows transformers' ``Mask2FormerImageProcessor`` (torchvision backend) step b
    antialiasing, on uint8 where torchvision does so and through float + round where it does not;
 2. rescale and normalize fused in float32: ``(x - mean / rescale_factor) / (std / rescale_factor)``;
 3. pad bottom/right with zeros to the largest size in the batch (or ``pad_size``); ``pixel_mask`` is int64,
-   1 on image pixels.
+   1 on image pixels. ``size_divisibility`` > 0 (not a transformers option; 0 by default) rounds that
+   canvas up to a multiple of it, as the original repositories pad (detectron2's ``SIZE_DIVISIBILITY: 32``,
+   ``ImageList.from_tensors``): the image keeps its resized size and the model sees zeros around it, where
+   transformers stretches the image by ``size_divisor`` instead. The two give different logits; pick the
+   one the model was trained with. The key round-trips through ``preprocessor_config.json``
+   (transformers keeps unknown keys there and ignores them).
 
 The output also carries, per image, its original (H, W) and its resized (h, w) inside the padded canvas:
 post-processing needs both to map predictions back (``maskformers.processing.postprocess``).
@@ -150,6 +155,7 @@ class ImageProcessor:
         pad_size: dict[str, int] | Sequence[int] | None = None,
         ignore_index: int | None = None,
         do_reduce_labels: bool = False,
+        size_divisibility: int = 0,
     ) -> None:
         if size is None:  # transformers' default, with max_size as the longest edge when given
             size = {"shortest_edge": 800, "longest_edge": max_size or 1333}
@@ -157,6 +163,9 @@ class ImageProcessor:
         if not isinstance(size_divisor, int) or size_divisor < 0:
             raise ValueError(f"size_divisor must be an int >= 0, got {size_divisor!r}")
         self.size_divisor = size_divisor
+        if not isinstance(size_divisibility, int) or isinstance(size_divisibility, bool) or size_divisibility < 0:
+            raise ValueError(f"size_divisibility must be an int >= 0, got {size_divisibility!r}")
+        self.size_divisibility = size_divisibility
         code = _RESAMPLE_NAMES.get(resample.lower()) if isinstance(resample, str) else int(resample)
         if code not in _RESAMPLE:
             raise ValueError(f"resample must be 0 (nearest), 2 (bilinear) or 3 (bicubic), got {resample!r}")
@@ -192,6 +201,8 @@ class ImageProcessor:
         if config.pop("do_convert_rgb", True) is False:
             raise ValueError("do_convert_rgb=False is not supported: images are always converted to RGB")
         known = set().union(*(getattr(c.__init__, "__kwdefaults__", None) or {} for c in cls.__mro__))
+        if "class_info" not in known:  # class names and thing ids saved beside the settings: not preprocessing
+            config.pop("class_info", None)
         unknown = sorted(set(config) - _IGNORED_KEYS - known)
         if unknown:
             raise ValueError(f"unknown preprocessor config keys: {unknown}")
@@ -228,6 +239,7 @@ class ImageProcessor:
             "do_normalize": self.do_normalize, "image_mean": list(self.image_mean), "image_std": list(self.image_std),
             "pad_size": None if self.pad_size is None else dict(self.pad_size),
             "ignore_index": self.ignore_index, "do_reduce_labels": self.do_reduce_labels,
+            "size_divisibility": self.size_divisibility,
         }
 
     def __repr__(self) -> str:
@@ -282,6 +294,9 @@ class ImageProcessor:
             canvas = (self.pad_size["height"], self.pad_size["width"])
         else:
             canvas = (max(h for h, _ in image_sizes), max(w for _, w in image_sizes))
+        if self.size_divisibility > 0:  # the original repositories' padding to a multiple (ImageList)
+            d = self.size_divisibility
+            canvas = (math.ceil(canvas[0] / d) * d, math.ceil(canvas[1] / d) * d)
         too_big = [s for s in image_sizes if s[0] > canvas[0] or s[1] > canvas[1]]
         if too_big:
             raise ValueError(f"pad_size {canvas} is smaller than resized image sizes {too_big}")

@@ -6,6 +6,10 @@ visible (own at least one pixel of the map; an instance drawn over completely is
 region and writes its id on it, so a legend row ``id label score`` can be matched to its region. Text uses
 Pillow's scalable default font at a size that follows the image (Pillow's bitmap font where Pillow was built
 without FreeType); the legend wraps into columns beside the image instead of growing below it.
+
+Small images are shown enlarged (:func:`scale_for_display`: label maps by nearest neighbour, so every region
+keeps its exact shape), and :func:`compare_segmentations` puts an image, its ground truth and a prediction
+side by side under titles, as ``maskformers demo`` writes them.
 """
 
 from __future__ import annotations
@@ -23,7 +27,9 @@ import torch
 
 from .io import to_rgb_tensor
 
-__all__ = ["color_for", "font_size_for", "legend_rows", "overlay_segments", "region_anchors", "segmentation_to_png"]
+__all__ = ["color_for", "compare_segmentations", "font_size_for", "legend_rows", "masks_to_segmentation",
+           "overlay_segments", "region_anchors", "scale_for_display", "segmentation_to_png", "side_by_side",
+           "side_by_side_layout"]
 
 _GOLDEN = 0.6180339887498949
 _MAX_LABEL = 32  # characters of a legend label before it is cut with "..."
@@ -219,3 +225,110 @@ def _with_legend(image: PIL.Image.Image, rows: list[tuple[int, tuple[int, int, i
             draw.text((x0 + 2 * pad + swatch, y + (swatch - top - bottom) / 2), text, fill=(0, 0, 0), font=font)
         x0 += column_width
     return canvas
+
+
+# ------------------------------------------------------------------------------------------------
+# enlarged views and side-by-side comparisons
+# ------------------------------------------------------------------------------------------------
+
+
+def masks_to_segmentation(
+    masks: torch.Tensor, labels: torch.Tensor | Sequence[int]
+) -> tuple[torch.Tensor, list[dict[str, int]]]:
+    """Per-segment masks (N, H, W) bool and their labels (N,) -> an (H, W) int64 map of segment ids 1..N
+    (0 where no mask is set; a later mask wins an overlap) and its segments (``id``, ``label_id``)."""
+    if masks.dim() != 3:
+        raise ValueError(f"expected masks (N, H, W), got {tuple(masks.shape)}")
+    labels = [int(x) for x in (labels.tolist() if isinstance(labels, torch.Tensor) else labels)]
+    if len(labels) != masks.shape[0]:
+        raise ValueError(f"got {masks.shape[0]} masks but {len(labels)} labels")
+    segmentation = torch.zeros(masks.shape[1:], dtype=torch.int64)
+    for i in range(masks.shape[0]):
+        segmentation[masks[i].bool().cpu()] = i + 1
+    return segmentation, [{"id": i + 1, "label_id": label} for i, label in enumerate(labels)]
+
+
+def _nearest_rows(source: int, target: int) -> np.ndarray:
+    """Source index of each of ``target`` output positions (pixel centres, nearest neighbour)."""
+    return np.minimum(((np.arange(target) + 0.5) * source / target).astype(np.int64), source - 1)
+
+
+def scale_for_display(
+    image: PIL.Image.Image | torch.Tensor,
+    segmentations: Sequence[torch.Tensor] = (),
+    *,
+    height: int = 512,
+) -> tuple[PIL.Image.Image, list[torch.Tensor]]:
+    """Scale an image and its (H, W) segmentation maps to ``height`` rows, keeping the aspect ratio.
+
+    Enlarging is nearest neighbour for the image too (every input pixel becomes a block, so the view shows
+    what the model saw and each map stays aligned to it pixel for pixel); shrinking filters the image
+    (Pillow's box filter) and picks map values by nearest neighbour."""
+    rgb = to_rgb_tensor(image)
+    h, w = rgb.shape[-2:]
+    if height < 1:
+        raise ValueError(f"height must be >= 1, got {height}")
+    width = max(1, round(w * height / h))
+    rows, cols = _nearest_rows(h, height), _nearest_rows(w, width)
+    for seg in segmentations:
+        if tuple(seg.shape) != (h, w):
+            raise ValueError(f"segmentation {tuple(seg.shape)} does not match the image size {(h, w)}")
+    maps = [seg.cpu()[torch.from_numpy(rows)][:, torch.from_numpy(cols)] for seg in segmentations]
+    pixels = rgb.permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
+    if height >= h:
+        return PIL.Image.fromarray(pixels[rows][:, cols]), maps
+    return PIL.Image.fromarray(pixels).resize((width, height), PIL.Image.Resampling.BOX), maps
+
+
+def side_by_side_layout(
+    sizes: Sequence[tuple[int, int]], *, font_size: int, gap: int | None = None
+) -> tuple[tuple[int, int], list[tuple[int, int]]]:
+    """Where :func:`side_by_side` puts panels of (width, height) ``sizes``: (canvas (width, height), the
+    top-left (x, y) of each panel). Panels sit in a row, ``gap`` pixels apart, below a title band."""
+    gap = max(8, font_size) if gap is None else gap
+    band = round(font_size * 1.8)
+    corners, x = [], gap
+    for width, _ in sizes:
+        corners.append((x, band))
+        x += width + gap
+    return (x, band + max((h for _, h in sizes), default=0) + gap), corners
+
+
+def side_by_side(
+    panels: Sequence[tuple[str, PIL.Image.Image]], *, font_size: int = 16, gap: int | None = None
+) -> PIL.Image.Image:
+    """Panels (title, image) in a row on white, each under its title (see :func:`side_by_side_layout`)."""
+    size, corners = side_by_side_layout([im.size for _, im in panels], font_size=font_size, gap=gap)
+    canvas = PIL.Image.new("RGB", size, (255, 255, 255))
+    draw, font = PIL.ImageDraw.Draw(canvas), _font(font_size)
+    for (title, image), (x, y) in zip(panels, corners):
+        canvas.paste(image.convert("RGB"), (x, y))
+        top, bottom = draw.textbbox((0, 0), title, font=font)[1::2]
+        draw.text((x, (y - top - bottom) / 2), title, fill=(0, 0, 0), font=font)
+    return canvas
+
+
+def compare_segmentations(
+    image: PIL.Image.Image | torch.Tensor,
+    truth: tuple[torch.Tensor, Sequence[Mapping[str, Any]]],
+    prediction: tuple[torch.Tensor, Sequence[Mapping[str, Any]]],
+    *,
+    id2label: Mapping[int, str] | None = None,
+    height: int = 512,
+    titles: tuple[str, str, str] = ("scene", "ground truth", "prediction"),
+) -> PIL.Image.Image:
+    """The image, its ground truth and a prediction side by side, scaled to ``height`` rows, each overlay
+    with its outlines, id tags and legend. ``truth`` and ``prediction`` are (segmentation (H, W), segments)
+    as :func:`overlay_segments` takes them; both are coloured by class (``label_id``), so the same class has
+    the same colour in the two panels."""
+    shown, (truth_map, predicted_map) = scale_for_display(image, [truth[0], prediction[0]], height=height)
+    font_size = max(font_size_for(shown.height, shown.width), round(height / 32))
+
+    def by_class(segments: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        return [{**s, "colour_key": int(s["label_id"])} for s in segments]
+
+    overlays = [
+        overlay_segments(shown, seg, by_class(segments), id2label=id2label, font_size=font_size)
+        for seg, segments in ((truth_map, truth[1]), (predicted_map, prediction[1]))
+    ]
+    return side_by_side(list(zip(titles, [shown, *overlays])), font_size=font_size)

@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["atomic_save", "save_checkpoint", "list_checkpoints", "load_latest", "rng_state", "set_rng_state",
-           "REQUIRED_KEYS"]
+__all__ = ["atomic_save", "save_checkpoint", "list_checkpoints", "load_latest", "check_fits", "rng_state",
+           "set_rng_state", "REQUIRED_KEYS"]
 
 REQUIRED_KEYS = ("model", "optimizer", "scheduler", "step", "rng")
 _NAME = re.compile(r"^checkpoint-(\d{8})\.pt$")
@@ -108,3 +108,18 @@ def load_latest(folder: str | os.PathLike, *, map_location: str | torch.device =
     if failures:
         raise RuntimeError(f"no readable checkpoint in {folder}: {'; '.join(failures)}")
     return None
+
+
+def check_fits(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    """A clear error when a checkpoint's weights do not fit ``model`` (another class count, another model)."""
+    own = model.state_dict()
+    shapes = [f"{k} {tuple(v.shape)} (model: {tuple(own[k].shape)})" for k, v in state.items()
+              if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if shapes or missing or unexpected:
+        detail = "; ".join(part for part in (
+            f"shapes differ: {', '.join(shapes[:3])}" if shapes else "",
+            f"{len(missing)} weight(s) missing, e.g. {missing[:2]}" if missing else "",
+            f"{len(unexpected)} unexpected, e.g. {unexpected[:2]}" if unexpected else "") if part)
+        raise ValueError(f"cannot resume from {path}: it was written by another model or for other data ({detail}); "
+                         "resume with the run's own model and data options")

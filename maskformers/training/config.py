@@ -30,7 +30,7 @@ class TrainingConfig:
     backbone_lr_multiplier: float = 0.1
     poly_power: float = 0.9
     warmup_steps: int = 0
-    warmup_factor: float = 1.0
+    warmup_factor: float = 0.001  # the lr multiplier warm-up starts from (detectron2's default)
     clip_grad_norm: float | None = 0.01
     amp: str | None = None  # None, "bf16" or "fp16"
     class_weight: float = 2.0
@@ -47,7 +47,10 @@ class TrainingConfig:
     log_every: int = 10
     eval_every: int = 0  # 0: never during training
     checkpoint_every: int = 100
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # 0: keep every checkpoint
+    freeze_backbone: bool = False  # train the pixel decoder and transformer decoder only
+    max_skip_rate: float = 0.1  # on_error="skip": stop once more than this share of the dataset proved unusable
+    early_stopping_patience: int = 0  # stop after this many evaluations without a better main metric (0: never)
 
     def __post_init__(self) -> None:
         if self.task not in ("panoptic", "instance", "semantic"):
@@ -57,6 +60,13 @@ class TrainingConfig:
         for name in ("max_steps", "batch_size", "grad_accumulation", "num_points", "log_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_every", "keep_checkpoints", "num_workers", "early_stopping_patience"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.max_skip_rate <= 1.0:
+            raise ValueError(f"max_skip_rate must be in [0, 1], got {self.max_skip_rate}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
         if not self.contrastive_temperature > 0:
             raise ValueError(f"contrastive_temperature must be > 0, got {self.contrastive_temperature}")
 

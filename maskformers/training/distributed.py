@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "setup", "teardown", "is_distributed", "all_reduce_mean", "barrier"]
+__all__ = ["DistInfo", "setup", "teardown", "is_distributed", "all_reduce_mean", "barrier", "gather_objects",
+           "broadcast_object"]
 
 
 @dataclass(frozen=True)
@@ -71,3 +73,21 @@ def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
     out = values.detach().clone()
     dist.all_reduce(out)
     return out / dist.get_world_size()
+
+
+def gather_objects(items: list[Any]) -> list[Any]:
+    """``items`` of every process, concatenated in rank order (this process's alone when not distributed)."""
+    if not is_distributed():
+        return items
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, items)
+    return [x for part in gathered for x in part]
+
+
+def broadcast_object(value: Any) -> Any:
+    """Rank 0's ``value`` on every process."""
+    if not is_distributed():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -9,6 +9,13 @@ CPU process), and N processes compute the same update as one process with the sa
 A OneFormer trains on a :class:`~maskformers.training.oneformer_data.OneFormerTrainingDataset`: its task (and
 text) inputs reach the model, and with a text mapper the criterion adds the contrastive term (:func:`criterion_for`).
 
+Samples a :class:`~maskformers.training.data.TrainingDataset` with ``on_error="skip"`` could not use are listed
+with their reason (on the console, in ``log.jsonl`` as ``{"step", "skipped": [{"index", "reason"}]}`` and in
+:attr:`TrainResult.skipped_samples`); once more than ``config.max_skip_rate`` of the dataset proved unusable the
+run stops with :class:`TooManySkipped`. Evaluations are printed as they are computed. ``on_step`` /
+``on_eval`` callbacks and ``config.early_stopping_patience`` can end a run early (its last checkpoint is then
+written at that step).
+
 Outputs in ``output_dir``: ``log.jsonl`` (one record per logged step and per evaluation; rank 0),
 ``checkpoint-*.pt`` (see :mod:`.checkpoint`), ``best.pt`` (the model of the best evaluation),
 TensorBoard events when ``tensorboard`` is installed. A tqdm progress bar shows loss, lr and images/s.
@@ -17,8 +24,8 @@ TensorBoard events when ``tensorboard`` is installed. A tqdm progress bar shows 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,12 +38,16 @@ from torch import nn
 from . import checkpoint as ckpt
 from .config import TrainingConfig
 from .criterion import MaskFormerCriterion, _mix
-from .data import MODEL_INPUTS, collate
-from .distributed import DistInfo, all_reduce_mean, barrier, setup
+from .data import MODEL_INPUTS, TrainingDataset, collate
+from .distributed import DistInfo, all_reduce_mean, barrier, broadcast_object, gather_objects, setup
+from .finetune import labels_mismatch
 from .matcher import HungarianMatcher
 from .optim import build_optimizer, build_scheduler
+from .run_log import JsonlLog
+from .skipped import SkippedSamples, TooManySkipped
 
-__all__ = ["train", "TrainResult", "build_criterion", "criterion_for", "batch_indices", "MAIN_METRIC"]
+__all__ = ["train", "TrainResult", "TooManySkipped", "build_criterion", "criterion_for", "batch_indices",
+           "MAIN_METRIC"]
 
 MAIN_METRIC = {"panoptic": "PQ", "semantic": "mIoU", "instance": "AP"}
 
@@ -46,7 +57,9 @@ class TrainResult:
     step: int
     losses: list[dict[str, float]] = field(default_factory=list)  # logged records of this call
     best: dict[str, Any] | None = None
-    skipped: int = 0
+    skipped: int = 0  # skipped draws (a bad sample drawn in two epochs counts twice)
+    skipped_samples: dict[int, str] = field(default_factory=dict)  # dataset index -> reason, each bad sample once
+    stopped: str | None = None  # why the run ended before config.max_steps (early stopping, a callback)
 
 
 def criterion_for(model: nn.Module, config: TrainingConfig) -> MaskFormerCriterion:
@@ -88,38 +101,6 @@ def batch_indices(step: int, micro: int, *, num_samples: int, config: TrainingCo
     return epoch, order[start:start + b].tolist()
 
 
-class _JsonlLog:
-    def __init__(self, path: Path | None, resume_step: int) -> None:
-        self.path = path
-        self.tb = None
-        if path is None:
-            return
-        if path.exists():  # drop records the resumed run will write again
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            path.write_text("".join(line + "\n" for line in kept))
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(path.parent / "tensorboard"))
-        except ImportError:
-            self.tb = None
-
-    def write(self, record: dict[str, Any]) -> None:
-        if self.path is None:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.tb is not None:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k != "step":
-                    self.tb.add_scalar(k, v, record["step"])
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-
-
 def _state(model, optimizer, scheduler, scaler, criterion, step, config, best) -> dict[str, Any]:
     module = model.module if hasattr(model, "module") else model
     model_config = getattr(module, "config", None)
@@ -145,6 +126,8 @@ def train(
     progress: bool = True,
     stop_after: int | None = None,
     evaluate_fn: Callable[..., dict[str, float]] | None = None,
+    on_step: Callable[[dict[str, Any]], Any] | None = None,
+    on_eval: Callable[[int, dict[str, float]], Any] | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``dataset`` (a :class:`~maskformers.training.data.TrainingDataset`).
 
@@ -152,8 +135,20 @@ def train(
     checkpoint in ``output_dir`` (falling back to an older one with a warning). stop_after: return after
     this many steps of this call (the schedule still runs to ``config.max_steps``). evaluate_fn:
     ``evaluate_fn(model, val_dataset, task=...)`` -> metrics (default: maskformers.evaluation).
-    Under torchrun the model is wrapped in DistributedDataParallel; rank 0 writes logs and checkpoints.
+    on_step: ``on_step(record)`` after every optimizer step (``{"step", "lr", "loss", each loss term}``, rank 0);
+    on_eval: ``on_eval(step, metrics)`` after every evaluation (rank 0); either returning True ends the run
+    after that step. Under torchrun the model is wrapped in DistributedDataParallel; rank 0 writes logs and
+    checkpoints.
+
+    The model is trained as it is: data of other classes than the model's is refused (use
+    :func:`maskformers.finetune`, which gives the model a new class head, or
+    :func:`~maskformers.training.finetune.replace_class_head`).
     """
+    if not isinstance(dataset, TrainingDataset):
+        what = "a reader of samples" if hasattr(dataset, "id2label") else "not a TrainingDataset"
+        raise TypeError(f"train() takes a TrainingDataset (samples with their targets and augmentation); got a "
+                        f"{type(dataset).__name__}, {what}. Wrap it: TrainingDataset(reader, task=..., transform=...), "
+                        "or call maskformers.finetune(model, reader, out=...), which builds it")
     info: DistInfo = setup(device)
     out = Path(output_dir) if output_dir is not None else None
     if out is not None and info.is_main:
@@ -165,6 +160,14 @@ def train(
     elif getattr(model, "task_encoder", None) is not None:
         raise ValueError("a OneFormer trains on a OneFormerTrainingDataset (maskformers.training.oneformer_data), "
                          f"which gives its task and text inputs; got a {type(dataset).__name__}")
+    problem = labels_mismatch(model, dataset.id2label, dataset.num_classes)
+    if problem is not None:
+        raise ValueError(f"{problem}: train() does not change the model. maskformers.finetune(model, data, ...) "
+                         "gives it a new class head for the data's classes (as `maskformers train` does), or call "
+                         "maskformers.training.finetune.replace_class_head(model, dataset.id2label) first")
+    if config.freeze_backbone:
+        for p in model.backbone.parameters():
+            p.requires_grad_(False)
     model = model.to(info.device)
     if criterion is None:
         criterion = criterion_for(model, config)
@@ -174,13 +177,14 @@ def train(
     scheduler = build_scheduler(optimizer, max_steps=config.max_steps, power=config.poly_power,
                                 warmup_steps=config.warmup_steps, warmup_factor=config.warmup_factor)
     scaler = torch.amp.GradScaler(info.device.type) if config.amp == "fp16" else None
-    step, best = 0, None
+    step, best, skipped_before = 0, None, {}
     if resume:
         if out is None:
             raise ValueError("resume=True needs output_dir")
         found = ckpt.load_latest(out)
         if found is not None:
             state, path = found
+            ckpt.check_fits(model, state["model"], path)
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
@@ -189,13 +193,16 @@ def train(
                 scaler.load_state_dict(state["scaler"])
             ckpt.set_rng_state(state["rng"])
             step, best = int(state["step"]), state.get("best")
+            skipped_before = dict(state.get("skipped_samples") or {})
     ddp = model
     if info.world_size > 1:
         ddp = nn.parallel.DistributedDataParallel(
             model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
-    log = _JsonlLog(out / "log.jsonl" if out is not None and info.is_main else None, step)
+    log = JsonlLog(out / "log.jsonl" if out is not None and info.is_main else None, step)
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.amp or "")
-    result = TrainResult(step=step, best=best)
+    skipped = SkippedSamples(len(dataset), config.max_skip_rate, known=skipped_before,
+                             log_path=out / "log.jsonl" if out is not None else None)
+    result = TrainResult(step=step, best=best, skipped_samples=skipped.reasons)
     last_steps = config.max_steps if stop_after is None else min(config.max_steps, step + stop_after)
     bar = None
     if progress and info.is_main:
@@ -209,15 +216,22 @@ def train(
                                          batch_sampler=[[(e, i) for i in idx] for e, idx in plan])
     batches = iter(loader)
     tic, images = time.perf_counter(), 0
+
+    def say(message: str) -> None:
+        if info.is_main:
+            (bar.write if bar is not None else print)(message, file=sys.stderr)
+
+    evals_since_best = 0
     try:
         while step < last_steps:
             model.train()
             terms: dict[str, float] = {}
             micro_batches = []
+            bad: list[tuple[int, str]] = []
             for _ in range(config.grad_accumulation):
                 fetched = next(batches)  # [(index, (sample, target) or (None, reason))]
                 batch = collate([item for _, item in fetched])
-                result.skipped += len(batch["skipped"])
+                bad += [(i, item[1]) for i, item in fetched if item[0] is None]
                 keys = [_mix(config.seed, step, i) for i, (sample, _) in fetched if sample is not None]
                 micro_batches.append((batch, keys))
             counts = _step_target_counts([b for b, _ in micro_batches])
@@ -249,6 +263,10 @@ def train(
 
             values = all_reduce_mean(torch.tensor([terms[k] for k in sorted(terms)], dtype=torch.float64))
             terms = dict(zip(sorted(terms), values.tolist()))
+            bad = gather_objects(bad)
+            if bad:
+                result.skipped += len(bad)
+                skipped.add(bad, step, log.write, say)  # raises TooManySkipped past config.max_skip_rate
             if step % config.log_every == 0 or step == last_steps:
                 elapsed = time.perf_counter() - tic
                 record = {"step": step, "lr": lr, "loss": terms["loss"],
@@ -264,6 +282,9 @@ def train(
                                     img_s=f"{record['images_per_s']:.1f}")
             if bar is not None:
                 bar.update(1)
+            stop = None
+            if on_step is not None and info.is_main and on_step({"step": step, "lr": lr, **terms}):
+                stop = "on_step asked to stop"
 
             if val_dataset is not None and config.eval_every and (step % config.eval_every == 0 or step == last_steps):
                 metrics = _evaluate(model, val_dataset, config.task, info, evaluate_fn,
@@ -271,7 +292,13 @@ def train(
                 if info.is_main:
                     main = metrics.get(MAIN_METRIC[config.task])
                     log.write({"step": step, "eval": metrics})
+                    say(f"step {step} eval: " + "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()
+                                                          if isinstance(v, float) and not k.startswith("n")))
+                    evals_since_best += 1
+                    if on_eval is not None and on_eval(step, metrics):
+                        stop = "on_eval asked to stop"
                     if main is not None and (best is None or main > best["value"]):
+                        evals_since_best = 0
                         best = {"step": step, "metric": MAIN_METRIC[config.task], "value": main}
                         if out is not None:
                             module = model.module if hasattr(model, "module") else model
@@ -279,20 +306,31 @@ def train(
                                               "id2label": dict(getattr(module, "id2label", {}) or {})},
                                              out / "best.pt")
                     result.best = best
+                    if config.early_stopping_patience and evals_since_best >= config.early_stopping_patience:
+                        stop = (f"early stopping: {MAIN_METRIC[config.task]} did not improve on step {best['step']}'s "
+                                f"{best['value']:.2f} in {evals_since_best} evaluations")
                 tic = time.perf_counter()  # images/s measures training, not evaluation
-            if out is not None and (step % config.checkpoint_every == 0 or step == last_steps):
+            stop = broadcast_object(stop)
+            if out is not None and (step % config.checkpoint_every == 0 or step == last_steps or stop):
                 if info.is_main:
                     state = _state(model, optimizer, scheduler, scaler, criterion, step, config, best)
                     per_epoch = len(dataset) // (config.batch_size * config.grad_accumulation * info.world_size)
                     state["data_position"] = {"epoch": step // per_epoch, "batch_in_epoch": step % per_epoch,
                                               "world_size": info.world_size}  # the next step's batch
+                    state["skipped_samples"] = dict(result.skipped_samples)
                     ckpt.save_checkpoint(out, state, keep=config.keep_checkpoints)
                 barrier()
+            if stop:
+                result.stopped = stop
+                say(f"stopped at step {step}: {stop}")
+                break
     finally:
         if bar is not None:
             bar.close()
         log.close()
     result.step = step
+    if result.skipped_samples:
+        say(skipped.summary(result.skipped))
     return result
 
 
@@ -315,14 +353,7 @@ class _EpochIndexed(torch.utils.data.Dataset):
 
 def _step_target_counts(batches: list[dict[str, Any]]) -> list[int]:
     """Target counts of every image of the step, over the micro-batches of every process."""
-    local = [int(t["labels"].numel()) for b in batches for t in b["targets"]]
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return local
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, local)
-    return [c for part in gathered for c in part]
+    return gather_objects([int(t["labels"].numel()) for b in batches for t in b["targets"]])
 
 
 def _average_criterion_grads(criterion: nn.Module, world_size: int) -> None:

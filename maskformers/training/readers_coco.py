@@ -3,7 +3,10 @@
 Both give samples in the common format of :mod:`maskformers.training.data`, with COCO category ids
 mapped to contiguous class ids in the order of the JSON's ``categories`` sorted by id (``category_ids``
 keeps the mapping back). Problems are reported as :class:`SampleError` naming the file: an unreadable
-image or PNG, an annotation whose size differs from the image's, a category id the JSON does not list.
+image or PNG, an annotation whose size differs from the image's, a category id the JSON does not list, a
+malformed segmentation (an empty polygon list, a polygon of fewer than three points). Segments that cover
+no pixel are left out and described in the sample's ``"empty_segments"`` (``maskformers check-data``
+reports them).
 
 Instance masks (polygons, uncompressed or compressed RLE) are decoded with pycocotools, an optional
 dependency (``pip install pycocotools``) imported only when an instance dataset is read.
@@ -23,7 +26,9 @@ import torch
 
 from .data import SampleError
 
-__all__ = ["CocoPanoptic", "CocoInstances", "read_image"]
+__all__ = ["CocoPanoptic", "CocoInstances", "read_image", "PYCOCOTOOLS_HINT"]
+
+PYCOCOTOOLS_HINT = 'pip install "maskformers[train]" (or pip install pycocotools)'
 
 
 def read_image(path: str | os.PathLike) -> torch.Tensor:
@@ -107,7 +112,7 @@ class CocoPanoptic(_CocoBase):
             raise SampleError(f"{png_path}: annotation size {tuple(png.shape[1:])} does not match the image size "
                               f"{tuple(image.shape[1:])} of {source}")
         ids = png[0] + 256 * png[1] + 256 * 256 * png[2]  # (H, W)
-        masks, labels, crowd = [], [], []
+        masks, labels, crowd, empty = [], [], [], []
         for seg in ann["segments_info"]:
             label = self._label(seg["category_id"], str(png_path))
             mask = ids == int(seg["id"])
@@ -115,10 +120,12 @@ class CocoPanoptic(_CocoBase):
                 masks.append(mask)
                 labels.append(label)
                 crowd.append(bool(seg.get("iscrowd", 0)))
+            else:
+                empty.append(f"segment {seg['id']} ({self.id2label[label]}) of {png_path.name} covers no pixel")
         H, W = image.shape[1:]
         return {"image": image, "masks": torch.stack(masks) if masks else torch.zeros(0, H, W, dtype=torch.bool),
                 "labels": torch.tensor(labels, dtype=torch.int64), "iscrowd": torch.tensor(crowd, dtype=torch.bool),
-                "source": source}
+                "source": source, "empty_segments": empty}
 
 
 def decode_coco_segmentation(segmentation: Any, height: int, width: int) -> np.ndarray:
@@ -126,8 +133,15 @@ def decode_coco_segmentation(segmentation: Any, height: int, width: int) -> np.n
     try:
         from pycocotools import mask as mask_utils
     except ImportError as exc:
-        raise ImportError("reading COCO instance masks needs pycocotools: pip install pycocotools") from exc
+        raise ImportError(f"reading COCO instance masks needs pycocotools: {PYCOCOTOOLS_HINT}") from exc
     if isinstance(segmentation, list):  # polygons [[x0, y0, x1, y1, ...], ...]
+        if not segmentation:
+            raise ValueError("empty polygon list")
+        for polygon in segmentation:
+            if (not isinstance(polygon, list) or len(polygon) < 6 or len(polygon) % 2
+                    or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in polygon)):
+                shown = repr(polygon) if len(repr(polygon)) < 60 else repr(polygon)[:57] + "..."
+                raise ValueError(f"a polygon must be a list of x, y numbers with at least three points, got {shown}")
         rles = mask_utils.frPyObjects(segmentation, height, width)
         rle = mask_utils.merge(rles)
     elif isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), list):
@@ -158,7 +172,7 @@ class CocoInstances(_CocoBase):
         info = self.images[index]
         image, source = self._image(info)
         H, W = image.shape[1:]
-        masks, labels, crowd = [], [], []
+        masks, labels, crowd, empty = [], [], [], []
         for ann in self._annotations.get(info["id"], []):
             label = self._label(ann["category_id"], f"{self.annotation_file} (annotation {ann.get('id')})")
             seg = ann.get("segmentation")
@@ -167,12 +181,15 @@ class CocoInstances(_CocoBase):
                                   f"match the image size {(H, W)}")
             try:
                 mask = torch.from_numpy(decode_coco_segmentation(seg, H, W))
-            except (ValueError, KeyError, TypeError) as exc:
-                raise SampleError(f"{source}: bad segmentation in annotation {ann.get('id')}: {exc}") from exc
+            except (ValueError, KeyError, TypeError, IndexError) as exc:
+                raise SampleError(f"{source}: bad segmentation in annotation {ann.get('id')} of "
+                                  f"{self.annotation_file}: {exc}") from exc
             if mask.any():
                 masks.append(mask)
                 labels.append(label)
                 crowd.append(bool(ann.get("iscrowd", 0)))
+            else:
+                empty.append(f"annotation {ann.get('id')} ({self.id2label[label]}) covers no pixel")
         return {"image": image, "masks": torch.stack(masks) if masks else torch.zeros(0, H, W, dtype=torch.bool),
                 "labels": torch.tensor(labels, dtype=torch.int64), "iscrowd": torch.tensor(crowd, dtype=torch.bool),
-                "source": source}
+                "source": source, "empty_segments": empty}
