@@ -384,7 +384,7 @@ struct Staged {
 template <typename acc_t>
 constexpr int kTileBytes = (kSharedBytes - kThreads * static_cast<int>(sizeof(Staged<acc_t>))) / 16 * 16;
 
-// dst[0 .. n) += src[0 .. n) for one pixel's channels; float4 atomics on sm_90 when aligned
+// *dst += v for one tile element (the float4 flush of sm_90 is in the kernel)
 template <typename acc_t>
 __device__ __forceinline__ void flush_element(acc_t* dst, acc_t v) {
   if (v != acc_t(0)) atomicAdd(dst, v);  // zeros (untouched pixels) are skipped

@@ -7,8 +7,10 @@
 // every thread of the block sees the same storage, other blocks (on other workers) their own. As on
 // a GPU its contents are undefined when a block starts (the previous block's values are left over).
 // Barriers and races are the emulator's: a __syncthreads releases when every live thread reached one,
-// and a thread runs until its next barrier or warp intrinsic, so a missing barrier shows up as stale
-// data (run with several lane orders to see it).
+// and a thread runs until its next barrier or warp intrinsic. So a missing barrier shows up as stale data
+// when the first shared read after the unsynchronised writes comes before any other synchronising call
+// (then the reading thread runs ahead of the writers); a read after another warp intrinsic is not
+// checked, since every thread of the block has reached that intrinsic first.
 #pragma once
 
 #include "cuda_emu.h"
