@@ -13,6 +13,13 @@ rows whose estimate exceeds --max-reference-gb are skipped (and say so) instead 
 
     python benchmarks/neighborhood_attention.py            # full table
     python benchmarks/neighborhood_attention.py --quick    # 512x512, dilation 1 only, fewer repeats
+    python benchmarks/neighborhood_attention.py --device cuda [--quick]   # CUDA variants and FlexAttention
+
+On CUDA (bfloat16 by default) every kernel variant (maskformers.ops.kernel_variants()) and FlexAttention
+with a neighbourhood block mask and a bias score_mod (benchmarks/na_flex.py, compiled; the same semantics)
+are timed beside the reference: wall ms per call (CUDA events) and GPU kernel ms per call (torch.profiler),
+with the ratio to our default kernel and to FlexAttention. ``run(device, quick)`` returns the rows for
+benchmarks/gpu_suite.py.
 """
 
 from __future__ import annotations
@@ -32,9 +39,10 @@ import torch
 # The benchmark must never time the fallback while calling it "native".
 os.environ["MASKFORMERS_STRICT_OPS"] = "1"
 
-from maskformers.ops import neighborhood_attention_2d  # noqa: E402
 from machine import cpu_model  # noqa: E402
 from peak_memory import PeakRSS  # noqa: E402
+
+from maskformers.ops import kernel_variants, neighborhood_attention_2d, use_kernel_variant  # noqa: E402
 
 KERNEL, HEAD_DIM = 11, 32
 HEADS = (6, 12, 24, 48)  # DiNAT-L per stage
@@ -133,11 +141,127 @@ def print_row(row, header: bool) -> None:
         print("| image | stage | map (h x w) | heads | dilation | dtype | pass | reference ms | native ms | speedup "
               "| reference peak MB | native peak MB |")
         print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    fmt = lambda x, spec: "skipped" if x is None else format(x, spec)
+    def fmt(x, spec):
+        return "skipped" if x is None else format(x, spec)
+
     speed = "-" if row["speedup"] is None else f"{row['speedup']:.1f}x"
     print(f"| {row['image']} | {row['stage']} | {row['map'][0]} x {row['map'][1]} | {row['heads']} | {row['dilation']} "
           f"| {row['dtype']} | {row['pass']} | {fmt(row['reference_ms'], '.1f')} | {row['native_ms']:.1f} | {speed} "
           f"| {fmt(row.get('reference_peak_mb'), '.0f')} | {fmt(row.get('native_peak_mb'), '.0f')} |", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA: every kernel variant, FlexAttention, the reference
+# ----------------------------------------------------------------------------------------------
+
+
+def cuda_impls() -> list[str]:
+    return ["reference", *(f"native:{v}" for v in kernel_variants()["neighborhood_attention"]), "flex"]
+
+
+def _call(impl: str, mode: str, inputs, dilation: int, grad_out):
+    """A closure running one call of `impl` in `mode`."""
+    if impl == "flex":
+        from na_flex import flex_neighborhood_attention
+
+        def op(q, k, v, rpb):
+            return flex_neighborhood_attention(q, k, v, rpb, kernel_size=KERNEL, dilation=dilation)
+    else:
+        backend, _, variant = impl.partition(":")
+
+        def op(q, k, v, rpb):
+            with use_kernel_variant("neighborhood_attention", variant or None):
+                return neighborhood_attention_2d(q, k, v, rpb, kernel_size=KERNEL, dilation=dilation, backend=backend)
+
+    def once():
+        if mode == "forward":
+            with torch.no_grad():
+                return op(*inputs)
+        args = [t.detach().requires_grad_(True) for t in inputs]
+        op(*args).backward(grad_out)
+
+    return once
+
+
+def run(device: str = "cuda", quick: bool = False, images=None, stages=None, dtypes=None, repeats: int | None = None,
+        max_reference_gb: float = 8.0) -> list[dict]:
+    """Time every implementation on CUDA; one dict per (image, stage, dilation, dtype, pass) with ``ms`` and
+    ``kernel_ms`` ({impl: milliseconds}), ``skipped`` ({impl: why}) and ratios to our default kernel
+    (``vs_default``) and to FlexAttention (``vs_flex``)."""
+    from gpu_timing import cuda_ms, kernel_ms
+
+    assert device == "cuda", "run() times the CUDA kernels; the CPU table is main()'s"
+    images = images or (["512x512"] if quick else list(IMAGES))
+    stages = stages if stages is not None else ([0] if quick else [0, 1, 2, 3])
+    dtypes = dtypes or ["bfloat16"]
+    repeats = repeats or (5 if quick else 20)
+    rows = []
+    for image in images:
+        for stage in stages:
+            for dilation in sorted({1, MAX_DILATION[stage]}):
+                shape, heads = stage_map(IMAGES[image], stage, dilation), HEADS[stage]
+                for dtype_name in dtypes:
+                    dtype = DTYPES[dtype_name]
+                    inputs = make_inputs(shape, heads, dtype, device)
+                    grad_out = torch.randn_like(inputs[0])
+                    for mode in ("forward", "forward+backward"):
+                        row = {"op": "neighborhood_attention", "image": image, "stage": stage + 1, "map": shape,
+                               "heads": heads, "dilation": dilation, "dtype": dtype_name, "pass": mode, "ms": {},
+                               "kernel_ms": {}, "skipped": {}}
+                        for impl in cuda_impls():
+                            if (impl == "reference" and mode != "forward"
+                                    and reference_backward_gb(shape, heads, dtype) > max_reference_gb):
+                                row["skipped"][impl] = "saved tensors exceed max_reference_gb"
+                                continue
+                            try:
+                                fn = _call(impl, mode, inputs, dilation, grad_out)
+                                row["ms"][impl] = cuda_ms(fn, repeats)
+                                row["kernel_ms"][impl] = kernel_ms(fn)
+                            except Exception as exc:  # a variant that does not apply (strict), a flex limit ...
+                                row["skipped"][impl] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                        default, flex = row["ms"].get("native:default"), row["ms"].get("flex")
+                        row["vs_default"] = {k: default / v for k, v in row["ms"].items()} if default else {}
+                        row["vs_flex"] = {k: flex / v for k, v in row["ms"].items()} if flex else {}
+                        rows.append(row)
+                        print_cuda_row(row, header=len(rows) == 1)
+    return rows
+
+
+def print_cuda_row(row, header: bool) -> None:
+    impls = cuda_impls()
+    if header:
+        print("| image | stage | map | heads | dil | dtype | pass | " + " | ".join(impls) + " |")
+        print("|---" * (7 + len(impls)) + "|")
+    cells = []
+    for impl in impls:
+        ms, kern = row["ms"].get(impl), row["kernel_ms"].get(impl)
+        if ms is None:
+            cells.append("-")
+            continue
+        cells.append(f"{ms:.3f} ({kern:.3f} gpu)" if kern is not None else f"{ms:.3f}")
+        if impl.startswith("native") and row["vs_flex"].get(impl):
+            cells[-1] += f" {row['vs_flex'][impl]:.2f}x flex"
+    print(f"| {row['image']} | {row['stage']} | {row['map'][0]}x{row['map'][1]} | {row['heads']} | {row['dilation']} "
+          f"| {row['dtype']} | {row['pass']} | " + " | ".join(cells) + " |", flush=True)
+
+
+def cuda_main(args, argv) -> int:
+    from gpu_timing import device_label
+
+    explicit = argv or sys.argv[1:]
+    rows = run("cuda", args.quick, images=args.images if "--images" in explicit else None,
+               stages=args.stages if "--stages" in explicit else None,
+               dtypes=args.dtypes if "--dtypes" in explicit else None, repeats=args.repeats,
+               max_reference_gb=args.max_reference_gb)
+    meta = {"torch": torch.__version__, "cuda": torch.version.cuda, "device": "cuda", "gpu": device_label(),
+            "kernel_size": KERNEL, "head_dim": HEAD_DIM, "variants": kernel_variants()["neighborhood_attention"]}
+    name = f"neighborhood_attention{'-quick' if args.quick else ''}-cuda.json"
+    out = args.out or Path(__file__).parent / "results" / name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    print(f"\n{meta['gpu']}, torch {meta['torch']}; wall ms (gpu kernel ms) per call, ratio to FlexAttention. "
+          f"JSON: {out}")
+    return 0
 
 
 def main(argv=None) -> int:
@@ -153,6 +277,8 @@ def main(argv=None) -> int:
     parser.add_argument("--no-memory", action="store_true", help="skip the per-implementation memory probes")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/...)")
     args = parser.parse_args(argv)
+    if args.device == "cuda":
+        return cuda_main(args, argv)
     if args.quick:
         args.images, args.dtypes = ["512x512"], ["float32"]
     repeats = args.repeats or (2 if args.quick else 5)

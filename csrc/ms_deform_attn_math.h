@@ -49,6 +49,8 @@ struct Corners {
   bool inside[4];   // the corner lies inside the level; outside corners read zero
   T frac_h;         // h_im - floor(h_im)
   T frac_w;         // w_im - floor(w_im)
+  int64_t row0;     // floor(h_im), the cell's top row: -1 .. height - 1 (0 for a non-finite location)
+  int64_t col0;     // floor(w_im), the cell's left column: -1 .. width - 1 (0 for a non-finite location)
 };
 
 // Fill `c` for location (x, y) on an (height, width) level. Returns false when the location is finite
@@ -77,6 +79,8 @@ MSDA_HOST_DEVICE bool bilinear_corners(T x, T y, int64_t height, int64_t width, 
       c.pos[k] = 0;
       c.inside[k] = false;
     }
+    c.row0 = 0;
+    c.col0 = 0;
     return true;
   }
   if (!(h_im >= T(-1) && h_im < h_f && w_im >= T(-1) && w_im < w_f)) {
@@ -92,6 +96,8 @@ MSDA_HOST_DEVICE bool bilinear_corners(T x, T y, int64_t height, int64_t width, 
   const T hw = T(1) - lw;
   c.frac_h = lh;
   c.frac_w = lw;
+  c.row0 = row0;
+  c.col0 = col0;
 
   const bool row0_in = row0 >= 0;
   const bool row1_in = row0 + 1 < height;

@@ -27,6 +27,7 @@
 #include <limits>
 #include <tuple>
 
+#include "neighborhood_attention_bias.h"
 #include "neighborhood_attention_checks.h"
 #include "neighborhood_attention_math.h"
 
@@ -329,23 +330,6 @@ unsigned int grid_for(const Dims& d) {
   TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "neighborhood_attention_2d: problem too large for one "
               "launch (", d.items, " (pixel, head) items)");
   return static_cast<unsigned int>(blocks);
-}
-
-// Bias gradient from dS (B, H, W, heads, K, K): grad_rpb[h, a, c] = sum over b, i, j, ki, kj with
-// row_bias(i) + ki = a and col_bias(j) + kj = c, as two contractions with one-hot tables.
-at::Tensor bias_gradient(const Problem& p, const at::Tensor& grad_logits) {
-  const int64_t K = p.kernel, R = p.bias_side();
-  auto one_hot = [&](int64_t length) {  // (length, K, R): entry [i, k, bias_start(i) + k] = 1
-    at::Tensor t = at::zeros({length, K, R}, at::kDouble);
-    auto a = t.accessor<double, 3>();
-    for (int64_t i = 0; i < length; ++i) {
-      const int64_t b = bias_start(i, window_start(i, length, K, p.dilation), K, p.dilation);
-      for (int64_t k = 0; k < K; ++k) a[i][k][b + k] = 1.0;
-    }
-    return t.to(grad_logits.options());
-  };
-  const at::Tensor summed = grad_logits.view({p.B, p.H, p.W, p.heads, K, K}).sum(0);  // (H, W, heads, K, K)
-  return at::einsum("iar,ijhab,jbs->hrs", {one_hot(p.H), summed, one_hot(p.W)});
 }
 
 }  // namespace

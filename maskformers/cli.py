@@ -4,7 +4,7 @@
     maskformers convert SRC DST [--force] [--config JSON]
     maskformers export SRC DST --to transformers [--force] [--with-text-mapper] [--tokenizer PATH]
     maskformers info [--build]
-    maskformers build-ops [--device auto|cpu|cuda|all] [--op NAME|all] [--rebuild]
+    maskformers build-ops [--device auto|cpu|cuda|all] [--op NAME|all] [--variants] [--rebuild]
     maskformers train / evaluate / demo     (see maskformers.training.cli_train, cli_evaluate)
     maskformers check-data --data ...        (see maskformers.training.cli_check_data)
     maskformers push RUN_DIR REPO_ID [--private] [--dry-run]     (see maskformers.publish)
@@ -117,6 +117,8 @@ def make_parser() -> argparse.ArgumentParser:
                    help="auto (default): what can run here, the CPU plus CUDA when a GPU is visible; "
                    "cuda: for TORCH_CUDA_ARCH_LIST (else the visible GPUs, else torch's architectures)")
     p.add_argument("--op", default="all", help="one op (ms_deform_attn, neighborhood_attention) or all")
+    p.add_argument("--variants", action="store_true",
+                   help="with the CUDA kernels, also build their variants (maskformers.ops.kernel_variants())")
     p.add_argument("--rebuild", action="store_true", help="delete the cached builds first and compile again")
     p.set_defaults(run=_build_ops)
 

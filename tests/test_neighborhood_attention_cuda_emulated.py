@@ -1,110 +1,168 @@
 """The CUDA kernels of neighborhood_attention_2d, run on the CPU by the cuda_on_cpu emulator.
 
-No GPU runs these kernels in CI, so this test compiles csrc/neighborhood_attention_cuda.cu for the
-project's CUDA-on-CPU emulator (launch syntax rewritten by its prepare_source.py, warp intrinsics and the
-thread scheduler from its emu/), and compares forward and all four gradients with the reference in every
+No GPU runs these kernels in CI, so this test compiles csrc/neighborhood_attention_cuda.cu (the default
+kernels) and csrc/neighborhood_attention_cuda_variants.cu (the "tensor_core" forward and "tensor_core_bwd"
+backward, whose nvcuda::wmma calls run on tests/cuda_emu_ext/shim/mma.h) for the emulator (see
+cuda_emu_helpers.py), and compares the forward and all four gradients with the float64 reference in every
 dtype, with and without bias, also checking that the emulator recorded no device fault (divergent or
-non-participating shuffles, misaligned vector loads, deadlocks). It compiles for a few minutes, so it runs
-only when asked: set MASKFORMERS_CUDA_ON_CPU to the emulator's folder (the one holding prepare_source.py
-and emu/); MASKFORMERS_CUDA_ON_CPU_SANITIZE=1 adds AddressSanitizer + UBSan (then run pytest with
-libasan preloaded, as the emulator's run.sh does).
+non-participating shuffles, wmma calls by part of a warp or with different arguments, misaligned loads,
+deadlocks). The tensor-core forward is also checked through the default backward fed its log-sum-exp, and
+both tensor-core kernels under other thread and block orders. It compiles for a few minutes, so it runs
+only when MASKFORMERS_CUDA_ON_CPU names the emulator's folder.
 """
 
 from __future__ import annotations
 
-import ctypes
-import importlib.util
-import os
-import shutil
-import subprocess
-import sys
-import sysconfig
-from pathlib import Path
-
 import pytest
 import torch
+from cuda_emu_helpers import build_emulated, relative_error, requires_emulator
 
-from maskformers.ops import neighborhood_attention_2d_reference, toolchain
+from maskformers.ops import neighborhood_attention_2d_reference
 
-REPO = Path(__file__).resolve().parent.parent
-EMULATOR = os.environ.get("MASKFORMERS_CUDA_ON_CPU", "")
-
-pytestmark = pytest.mark.skipif(
-    not EMULATOR or not (Path(EMULATOR) / "prepare_source.py").is_file() or shutil.which("g++") is None,
-    reason="set MASKFORMERS_CUDA_ON_CPU to the cuda_on_cpu emulator folder (and have g++) to run the CUDA kernels",
-)
+pytestmark = requires_emulator
 
 # (B, H, W, heads, D, kernel, dilation): one lane, partial chunks, the vector path, 8 and 32 lanes, K = 11
 CASES = [(1, 7, 9, 2, 5, 3, 1), (2, 9, 7, 3, 8, 3, 2), (1, 10, 13, 1, 3, 3, 3), (1, 15, 11, 1, 32, 5, 2),
          (1, 11, 13, 2, 24, 11, 1), (1, 7, 8, 1, 256, 3, 2), (1, 12, 12, 4, 64, 3, 4)]
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}
 
-
-def _run(cmd: list[str]) -> None:
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    assert proc.returncode == 0, f"{' '.join(cmd[:3])} ... failed:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}"
+# tensor-core forward: head dims 16/32/64; maps that are not multiples of the 8 x 8 query tile; dilation
+# groups of different sizes; K = 11 (a (8 + 10)^2 key region in six chunks); a map of exactly K * dilation
+TC_CASES = [(1, 9, 11, 2, 32, 3, 1), (2, 17, 12, 1, 16, 5, 2), (1, 13, 22, 1, 64, 3, 3), (1, 12, 13, 1, 32, 11, 1),
+            (1, 15, 14, 2, 32, 7, 2), (1, 9, 9, 1, 16, 3, 3)]
+TC_DTYPES = (torch.bfloat16, torch.float16)
 
 
 @pytest.fixture(scope="module")
 def emulated(tmp_path_factory):
-    from torch.utils import cpp_extension
+    return build_emulated(tmp_path_factory.mktemp("na_cuda_emu"), "na_cuda_emu", "neighborhood_attention_cuda.cu",
+                          "neighborhood_attention_cuda_bind.cpp", launches=6)
 
-    tool, out = Path(EMULATOR), tmp_path_factory.mktemp("na_cuda_emu")
-    cuda_home, how = toolchain.find_cuda_home()
-    assert cuda_home is not None, f"the emulator needs the CUDA headers: {how}"
-    release = toolchain.nvcc_version(cuda_home) or "12.4"
-    major, minor = release.split(".")
-    sanitize = ["-fsanitize=address,undefined,float-cast-overflow", "-fsanitize-recover=all"] if os.environ.get(
-        "MASKFORMERS_CUDA_ON_CPU_SANITIZE") else []
-    common = ["-std=c++20", "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
-              "-ffp-contract=off", "-O1" if sanitize else "-O2"]
-    includes = [x for p in cpp_extension.include_paths() for x in ("-isystem", p)]
-    includes += ["-isystem", sysconfig.get_paths()["include"]]
-    emu = ["-I", str(tool / "emu" / "shim"), "-I", str(tool / "emu"), "-isystem", str(cuda_home / "include")]
-    arch = ["-DEMU_CUDA_ARCH=900", f"-DEMU_CUDACC_VER_MAJOR={major}", f"-DEMU_CUDACC_VER_MINOR={minor}"]
-    csrc = REPO / "csrc"
-    prepared = out / "neighborhood_attention_cuda_emu.cpp"
-    _run([sys.executable, str(tool / "prepare_source.py"), str(csrc / "neighborhood_attention_cuda.cu"), str(prepared),
-          "--expect", "6"])
-    _run(["g++", *common, *arch, *sanitize, "-c", str(prepared), "-o", str(out / "kernels.o"), *emu, "-iquote",
-          str(csrc), *includes])
-    _run(["g++", *common, *arch, *sanitize, "-c", str(tool / "emu" / "cuda_emu.cpp"), "-o", str(out / "emu.o"), *emu])
-    _run(["g++", *common, "-DTORCH_EXTENSION_NAME=na_cuda_emu", "-DTORCH_API_INCLUDE_EXTENSION_H", "-c",
-          str(csrc / "neighborhood_attention_cuda_bind.cpp"), "-o", str(out / "bind.o"), *includes])
-    libs = cpp_extension.library_paths()
-    so = out / "na_cuda_emu.so"
-    _run(["g++", "-shared", "-o", str(so), *(str(out / f) for f in ("kernels.o", "emu.o", "bind.o")),
-          *(f"-L{d}" for d in libs), *(f"-Wl,-rpath,{d}" for d in libs), "-lc10", "-ltorch", "-ltorch_cpu",
-          "-ltorch_python", "-pthread", *sanitize])
-    spec = importlib.util.spec_from_file_location("na_cuda_emu", so)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    faults = ctypes.CDLL(str(so)).emu_fault_count
-    faults.restype = ctypes.c_longlong
-    return module, faults
+
+@pytest.fixture(scope="module")
+def emulated_variants(tmp_path_factory):
+    return build_emulated(tmp_path_factory.mktemp("na_variants_emu"), "na_variants_emu",
+                          "neighborhood_attention_cuda_variants.cu", "neighborhood_attention_cuda_variants_bind.cpp",
+                          launches=3)
+
+
+def random_inputs(case, seed):
+    B, H, W, heads, D, K, d = case
+    g = torch.Generator().manual_seed(seed)
+    q, k, v, grad = (torch.randn(B, H, W, heads, D, generator=g, dtype=torch.float64) for _ in range(4))
+    rpb = torch.randn(heads, 2 * K - 1, 2 * K - 1, generator=g, dtype=torch.float64)
+    return q, k, v, grad, rpb
+
+
+def reference(q, k, v, bias, grad, K, d, scale):
+    """float64 output and gradients of (q, k, v[, rpb]) for the inputs as given."""
+    leaves = [t.detach().double().clone().requires_grad_() for t in (q, k, v) + ((bias,) if bias is not None else ())]
+    out = neighborhood_attention_2d_reference(*leaves[:3], leaves[3] if bias is not None else None,
+                                              kernel_size=K, dilation=d, scale=scale)
+    return (out.detach(), *torch.autograd.grad(out, leaves, grad.double()))
 
 
 @pytest.mark.parametrize("dtype", list(TOLERANCE), ids=str)
 @pytest.mark.parametrize("case", CASES, ids=[f"{c[1]}x{c[2]}-h{c[3]}-D{c[4]}-K{c[5]}-d{c[6]}" for c in CASES])
 def test_emulated_cuda_kernels_match_the_reference(emulated, case, dtype):
-    module, fault_count = emulated
+    module = emulated.module
     B, H, W, heads, D, K, d = case
-    g = torch.Generator().manual_seed(sum(case))
-    q, k, v, grad = (torch.randn(B, H, W, heads, D, generator=g, dtype=torch.float64) for _ in range(4))
-    rpb = torch.randn(heads, 2 * K - 1, 2 * K - 1, generator=g, dtype=torch.float64)
+    q, k, v, grad, rpb = random_inputs(case, sum(case))
     for bias in (rpb, None):
-        leaves = [t.clone().requires_grad_() for t in (q, k, v) + ((rpb,) if bias is not None else ())]
-        truth = neighborhood_attention_2d_reference(*leaves[:3], leaves[3] if bias is not None else None,
-                                                    kernel_size=K, dilation=d, scale=0.3)
-        truths = (truth.detach(), *torch.autograd.grad(truth, leaves, grad))
-        before = fault_count()
+        truths = reference(q, k, v, bias, grad, K, d, 0.3)
+        before = emulated.fault_count()
         args = [t.to(dtype) for t in (q, k, v)]
         bias_arg = bias.to(dtype) if bias is not None else args[0].new_empty(0)
         out, lse = module.forward(*args, bias_arg, K, d, 0.3)
         grads = module.backward(*args, bias_arg, lse, grad.to(dtype), K, d, 0.3)
-        assert fault_count() == before, "the emulator recorded a device fault"
+        assert emulated.fault_count() == before, "the emulator recorded a device fault"
         for name, got, want in zip(("out", "grad_query", "grad_key", "grad_value", "grad_rpb"), (out, *grads), truths):
             error = ((got.double() - want).abs().max() / want.abs().max()).item()
             assert error <= TOLERANCE[dtype], f"{name} with{'out' if bias is None else ''} bias: {error:.3g}"
         if bias is None:
             assert grads[3].numel() == 0
+
+
+@pytest.mark.parametrize("dtype", TC_DTYPES, ids=str)
+@pytest.mark.parametrize("case", TC_CASES, ids=[f"{c[1]}x{c[2]}-h{c[3]}-D{c[4]}-K{c[5]}-d{c[6]}" for c in TC_CASES])
+def test_tensor_core_forward_matches_the_reference(emulated, emulated_variants, case, dtype):
+    """Output against the float64 reference on the same rounded inputs; the log-sum-exp through the
+    default backward, whose gradients need it exact."""
+    B, H, W, heads, D, K, d = case
+    q, k, v, grad, rpb = (t.to(dtype) for t in random_inputs(case, sum(case)))
+    for bias in (rpb, None):
+        truths = reference(q, k, v, bias, grad, K, d, D**-0.5)
+        bias_arg = bias if bias is not None else q.new_empty(0)
+        before = emulated_variants.fault_count()
+        out, lse = emulated_variants.module.forward_tensor_core(q, k, v, bias_arg, K, d, D**-0.5)
+        assert emulated_variants.fault_count() == before, "the emulator recorded a device fault"
+        assert out.dtype == dtype and lse.dtype == torch.float32 and lse.shape == (B, H, W, heads)
+        _, default_lse = emulated.module.forward(q, k, v, bias_arg, K, d, D**-0.5)
+        assert relative_error(lse, default_lse) <= 1e-5
+        grads = emulated.module.backward(q, k, v, bias_arg, lse, grad, K, d, D**-0.5)
+        for name, got, want in zip(("out", "grad_query", "grad_key", "grad_value", "grad_rpb"), (out, *grads), truths):
+            error = relative_error(got, want)
+            assert error <= TOLERANCE[dtype], f"{name} with{'out' if bias is None else ''} bias: {error:.3g}"
+
+
+def tensor_core_backward(module, q, k, v, bias_arg, grad, K, d, scale):
+    """The tensor-core forward, then the tensor-core backward with delta = rowsum(grad * out)."""
+    out, lse = module.forward_tensor_core(q, k, v, bias_arg, K, d, scale)
+    delta = (grad.float() * out.float()).sum(-1)
+    return module.backward_tensor_core_bwd(q, k, v, bias_arg, lse, grad, delta, K, d, scale)
+
+
+@pytest.mark.parametrize("dtype", TC_DTYPES, ids=str)
+@pytest.mark.parametrize("case", TC_CASES, ids=[f"{c[1]}x{c[2]}-h{c[3]}-D{c[4]}-K{c[5]}-d{c[6]}" for c in TC_CASES])
+def test_tensor_core_backward_matches_the_reference(emulated_variants, case, dtype):
+    B, H, W, heads, D, K, d = case
+    q, k, v, grad, rpb = (t.to(dtype) for t in random_inputs(case, sum(case) + 1))
+    for bias in (rpb, None):
+        truths = reference(q, k, v, bias, grad, K, d, D**-0.5)[1:]
+        bias_arg = bias if bias is not None else q.new_empty(0)
+        before = emulated_variants.fault_count()
+        grads = tensor_core_backward(emulated_variants.module, q, k, v, bias_arg, grad, K, d, D**-0.5)
+        assert emulated_variants.fault_count() == before, "the emulator recorded a device fault"
+        for name, got, want in zip(("grad_query", "grad_key", "grad_value", "grad_rpb"), grads, truths):
+            assert got.dtype == dtype, name
+            error = relative_error(got, want)
+            assert error <= TOLERANCE[dtype], f"{name} with{'out' if bias is None else ''} bias: {error:.3g}"
+        if bias is None:
+            assert grads[3].numel() == 0
+
+
+@pytest.mark.parametrize("order", [("reverse", "reverse", 1), ("random", "random", 9)])
+def test_tensor_core_kernels_do_not_depend_on_thread_order(emulated_variants, order):
+    """Every sum has a fixed order, so another thread or block order must give the same bits (a missing
+    barrier or a race between the threads of a block would not)."""
+    case = TC_CASES[3]
+    B, H, W, heads, D, K, d = case
+    q, k, v, grad, rpb = (t.to(torch.bfloat16) for t in random_inputs(case, 3))
+    module = emulated_variants.module
+    first = (*module.forward_tensor_core(q, k, v, rpb, K, d, 0.2), *tensor_core_backward(module, q, k, v, rpb, grad,
+                                                                                          K, d, 0.2))
+    blocks, lanes, seed = order
+    emulated_variants.schedule(blocks=blocks, lanes=lanes, seed=seed)
+    try:
+        again = (*module.forward_tensor_core(q, k, v, rpb, K, d, 0.2), *tensor_core_backward(module, q, k, v, rpb,
+                                                                                              grad, K, d, 0.2))
+    finally:
+        emulated_variants.schedule()
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+
+
+def test_tensor_core_forward_refuses_what_it_does_not_handle(emulated_variants):
+    module = emulated_variants.module
+    q = torch.randn(1, 9, 9, 1, 32)
+    assert "dtype Float" in module.tensor_core_unsupported(q)
+    assert "head dim 24" in module.tensor_core_unsupported(torch.randn(1, 9, 9, 1, 24, dtype=torch.bfloat16))
+    assert module.tensor_core_unsupported(q.bfloat16()) == ""
+    with pytest.raises(RuntimeError, match="the tensor-core forward does not apply: dtype Float"):
+        module.forward_tensor_core(q, q, q, q.new_empty(0), 3, 1, 0.2)
+    lse = torch.zeros(1, 9, 9, 1)
+    with pytest.raises(RuntimeError, match="the tensor-core backward does not apply: dtype Float"):
+        module.backward_tensor_core_bwd(q, q, q, q.new_empty(0), lse, q, lse, 3, 1, 0.2)
+    b = q.bfloat16()
+    with pytest.raises(RuntimeError, match=r"expected delta = sum\(grad_out \* out, -1\)"):
+        module.backward_tensor_core_bwd(b, b, b, b.new_empty(0), lse, b, lse.double(), 3, 1, 0.2)

@@ -9,10 +9,12 @@ stderr with its path and rebuilt, never handed to the dynamic loader. Every reas
 be had (no compiler, no ninja, a CPU-only torch, no CUDA toolkit, a compile error) is raised as
 ``NativeOpUnavailable`` with a message that says what is missing.
 
-    python -m maskformers.ops.build [--device auto|cpu|cuda|all] [--op NAME|all] [--rebuild]
+    python -m maskformers.ops.build [--device auto|cpu|cuda|all] [--op NAME|all] [--variants] [--rebuild]
 
-prebuilds and reports. Environment: ``MASKFORMERS_OPS_CACHE`` (cache root, default
-``$XDG_CACHE_HOME/maskformers/ops``), ``CUDA_HOME``/``CUDA_PATH``, ``TORCH_CUDA_ARCH_LIST``, ``CXX``, ``MAX_JOBS``.
+prebuilds and reports. An op may also have a second CUDA extension with its kernel variants
+(``load_extension("cuda", op, variants=True)``, see ``variants.py``); ``--variants`` builds it too.
+Environment: ``MASKFORMERS_OPS_CACHE`` (cache root, default ``$XDG_CACHE_HOME/maskformers/ops``),
+``CUDA_HOME``/``CUDA_PATH``, ``TORCH_CUDA_ARCH_LIST``, ``CXX``, ``MAX_JOBS``.
 """
 
 from __future__ import annotations
@@ -63,9 +65,10 @@ class OpSources:
     tag: str  # short name used in module and folder names
     headers: tuple[str, ...]
     sources: dict[str, tuple[str, ...]]
+    variant_sources: tuple[str, ...] = ()  # a separate CUDA extension with the op's kernel variants
 
     def files(self) -> tuple[str, ...]:
-        return (*self.headers, *(name for names in self.sources.values() for name in names))
+        return (*self.headers, *(name for names in self.sources.values() for name in names), *self.variant_sources)
 
 
 OPS = {
@@ -77,15 +80,17 @@ OPS = {
             "cpu": ("ms_deform_attn_cpu.cpp",),
             "cuda": ("ms_deform_attn_cuda.cu", "ms_deform_attn_cuda_bind.cpp"),
         },
+        variant_sources=("ms_deform_attn_cuda_variants.cu", "ms_deform_attn_cuda_variants_bind.cpp"),
     ),
     "neighborhood_attention": OpSources(
         op="neighborhood_attention",
         tag="na",
-        headers=("neighborhood_attention_math.h", "neighborhood_attention_checks.h"),
+        headers=("neighborhood_attention_math.h", "neighborhood_attention_checks.h", "neighborhood_attention_bias.h"),
         sources={
             "cpu": ("neighborhood_attention_cpu.cpp",),
             "cuda": ("neighborhood_attention_cuda.cu", "neighborhood_attention_cuda_bind.cpp"),
         },
+        variant_sources=("neighborhood_attention_cuda_variants.cu", "neighborhood_attention_cuda_variants_bind.cpp"),
     ),
 }
 DEFAULT_OP = "ms_deform_attn"
@@ -110,6 +115,7 @@ class BuildPlan:
     cuda_home: Path | None = None
     description: dict[str, str] = field(default_factory=dict)
     op: str = DEFAULT_OP
+    variants: bool = False
 
     @property
     def library(self) -> Path:
@@ -123,7 +129,7 @@ class BuildPlan:
 
     @property
     def label(self) -> str:
-        return f"{self.op} {self.device_type.upper()} kernel"
+        return f"{self.op} {self.device_type.upper()} kernel{' variants' if self.variants else ''}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -193,15 +199,18 @@ def _cuda_settings(description: dict[str, str]) -> tuple[Path, list[str], list[s
     return cuda_home, ["-O3", *arch_flags], [str(cuda_home), nvcc_release, arch_desc]
 
 
-def build_plan(device_type: str, op: str = DEFAULT_OP) -> BuildPlan:
-    """Resolve sources, toolchain, flags and cache folder of ``op`` for ``device_type``; raise
-    ``NativeOpUnavailable`` naming whatever is missing. Runs no compiler (only ``--version`` queries)."""
+def build_plan(device_type: str, op: str = DEFAULT_OP, variants: bool = False) -> BuildPlan:
+    """Resolve sources, toolchain, flags and cache folder of ``op`` for ``device_type`` (with ``variants``:
+    of the op's extension of CUDA kernel variants); raise ``NativeOpUnavailable`` naming whatever is
+    missing. Runs no compiler (only ``--version`` queries)."""
     spec = _op_sources(op)
     if device_type not in DEVICE_TYPES:
         raise NativeOpUnavailable(
             f"no native {op} kernel for device type {device_type!r} (native kernels exist for "
             f"{', '.join(repr(d) for d in DEVICE_TYPES)})"
         )
+    if variants and (device_type != "cuda" or not spec.variant_sources):
+        raise NativeOpUnavailable(f"{op} has no {device_type.upper()} kernel variants (variants are CUDA kernels)")
     src = source_dir()
     compiler = toolchain.cxx_compiler()
     if compiler is None:
@@ -227,17 +236,19 @@ def build_plan(device_type: str, op: str = DEFAULT_OP) -> BuildPlan:
         cuda_home, cuda_cflags, cuda_key = _cuda_settings(description)
         key_parts += cuda_key
 
-    files = [src / name for name in (*spec.headers, *spec.sources[device_type])]
-    digest = _digest(key_parts + cflags + cuda_cflags + ldflags, files)
-    folder = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{op}-{device_type}-torch{torch.__version__}-{cuda_tag}-{digest[:16]}")
+    sources = spec.variant_sources if variants else spec.sources[device_type]
+    kind = f"{device_type}-variants" if variants else device_type
+    files = [src / name for name in (*spec.headers, *sources)]
+    digest = _digest(key_parts + [kind] + cflags + cuda_cflags + ldflags, files)
+    folder = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{op}-{kind}-torch{torch.__version__}-{cuda_tag}-{digest[:16]}")
     description["cflags"] = " ".join(cflags)
     if cuda_cflags:
         description["nvcc flags"] = " ".join(cuda_cflags)
     return BuildPlan(
         device_type=device_type,
-        name=f"maskformers_{spec.tag}_{device_type}_{digest[:12]}",
+        name=f"maskformers_{spec.tag}{'v' if variants else ''}_{device_type}_{digest[:12]}",
         directory=cache_root() / folder,
-        sources=tuple(src / name for name in spec.sources[device_type]),
+        sources=tuple(src / name for name in sources),
         include_dir=src,
         cflags=tuple(cflags),
         cuda_cflags=tuple(cuda_cflags),
@@ -245,6 +256,7 @@ def build_plan(device_type: str, op: str = DEFAULT_OP) -> BuildPlan:
         cuda_home=cuda_home,
         description=description,
         op=op,
+        variants=variants,
     )
 
 
@@ -351,12 +363,13 @@ def _rebuild_damaged(plan: BuildPlan, detail: str) -> ModuleType:
 
 
 _lock = threading.Lock()
-_loaded: dict[tuple[str, str], ModuleType] = {}
-_failed: dict[tuple[str, str], NativeOpUnavailable] = {}
+_loaded: dict[tuple, ModuleType] = {}
+_failed: dict[tuple, NativeOpUnavailable] = {}
 
 
-def load_extension(device_type: str, op: str = DEFAULT_OP) -> ModuleType:
-    """The compiled module of ``op`` for ``device_type`` ("cpu" or "cuda"), building it on first use.
+def load_extension(device_type: str, op: str = DEFAULT_OP, variants: bool = False) -> ModuleType:
+    """The compiled module of ``op`` for ``device_type`` ("cpu" or "cuda"), building it on first use;
+    ``variants=True``: the op's separate extension of CUDA kernel variants.
 
     For ms_deform_attn the module has ``forward(value, spatial_shapes, level_start_index,
     sampling_locations, attention_weights) -> out (B, Q, H*D)`` and ``backward(..., grad_output) ->
@@ -365,14 +378,14 @@ def load_extension(device_type: str, op: str = DEFAULT_OP) -> ModuleType:
     """
     if not isinstance(device_type, str):
         raise TypeError(f"device_type must be a str such as 'cpu' or 'cuda', got {type(device_type).__name__}")
-    key = (op, device_type)
+    key = (op, device_type) if not variants else (op, device_type, "variants")
     with _lock:
         if key in _loaded:
             return _loaded[key]
         if key in _failed:
             raise _failed[key]
         try:
-            plan = build_plan(device_type, op)
+            plan = build_plan(device_type, op, variants)
             state = cache_state(plan)
             if state.state == "ok":
                 module = _import_library(plan)
@@ -387,10 +400,11 @@ def load_extension(device_type: str, op: str = DEFAULT_OP) -> ModuleType:
         return module
 
 
-def _forget(device_type: str, op: str = DEFAULT_OP) -> None:
+def _forget(device_type: str, op: str = DEFAULT_OP, variants: bool = False) -> None:
+    key = (op, device_type) if not variants else (op, device_type, "variants")
     with _lock:
-        _loaded.pop((op, device_type), None)
-        _failed.pop((op, device_type), None)
+        _loaded.pop(key, None)
+        _failed.pop(key, None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -412,6 +426,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "'all' = CPU and CUDA",
     )
     parser.add_argument("--op", choices=("all", *OPS), default="all", help="which op (default: all)")
+    parser.add_argument(
+        "--variants", action="store_true",
+        help="with the CUDA kernels, also build each op's extension of CUDA kernel variants (see kernel_variants())",
+    )
     parser.add_argument("--rebuild", action="store_true", help="delete the cached builds first and compile again")
 
 
@@ -428,25 +446,27 @@ def run(args: argparse.Namespace) -> int:
         return 2
     ops = list(OPS) if args.op == "all" else [args.op]
     status = 0
-    for op in ops:
-        for device in devices:
-            label = f"{op} {device}"
-            try:
-                plan = build_plan(device, op)
-                if args.rebuild and plan.directory.exists():
-                    shutil.rmtree(plan.directory)
-                    _forget(device, op)
-                cached = is_built(plan)
-                load_extension(device, op)
-            except NativeOpUnavailable as exc:
-                print(f"{label}: unavailable: {exc}")
-                status = 1
-                continue
-            print(f"{label}: ready ({'cached' if cached else 'built'}) at {plan.library}")
-            for key, value in plan.description.items():
-                print(f"  {key}: {value}")
-            if device == "cuda" and not torch.cuda.is_available():
-                print("  note: no GPU is visible here; this kernel runs only where one is")
+    jobs = [(op, device, False) for op in ops for device in devices]
+    if args.variants and "cuda" in devices:
+        jobs += [(op, "cuda", True) for op in ops if OPS[op].variant_sources]
+    for op, device, variants in jobs:
+        label = f"{op} {device}{' variants' if variants else ''}"
+        try:
+            plan = build_plan(device, op, variants)
+            if args.rebuild and plan.directory.exists():
+                shutil.rmtree(plan.directory)
+                _forget(device, op, variants)
+            cached = is_built(plan)
+            load_extension(device, op, variants)
+        except NativeOpUnavailable as exc:
+            print(f"{label}: unavailable: {exc}")
+            status = 1
+            continue
+        print(f"{label}: ready ({'cached' if cached else 'built'}) at {plan.library}")
+        for key, value in plan.description.items():
+            print(f"  {key}: {value}")
+        if device == "cuda" and not torch.cuda.is_available():
+            print("  note: no GPU is visible here; this kernel runs only where one is")
     return status
 
 

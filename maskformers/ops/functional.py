@@ -7,7 +7,8 @@ implementations and autograd -> the functional ``ms_deform_attn`` that checks in
 Contract of the custom ops (the functional prepares it): value (B, S, H, D) contiguous in float32,
 float64, bfloat16 or float16; spatial_shapes (L, 2) and level_start_index (L,) int64 on the CPU;
 sampling_locations and attention_weights contiguous in ``coord_dtype(value.dtype)`` (float64 for
-float64 values, else float32) on value's device.
+float64 values, else float32) on value's device; ``variant`` one of
+``kernel_variants()["ms_deform_attn"]`` (CUDA kernel variants, see variants.py; ignored on the CPU).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
+from . import variants
 from .backend import BACKENDS, check_backend, default_backend
 from .reference import ms_deform_attn_reference
 from .validation import check_inputs, check_level_shapes, check_level_values, coord_dtype
@@ -39,18 +41,26 @@ def _native_forward(
     level_start_index: torch.Tensor,
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
+    variant: str = "default",
 ) -> torch.Tensor:
     from . import build
 
     check_level_values(spatial_shapes, level_start_index, value.shape[1])
+    kernel, _ = variants.pass_kernels("ms_deform_attn", variant)
+    args = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    if kernel != "default" and value.device.type == "cuda":
+        ext = variants.load_variants("ms_deform_attn")
+        with torch.profiler.record_function(f"maskformers::ms_deform_attn forward (cuda kernel, {kernel})"):
+            return getattr(ext, f"forward_{kernel}")(*args)
     ext = build.load_extension(value.device.type)
     # the compiled kernel is invisible to torch.profiler unless named here
     with torch.profiler.record_function(f"maskformers::ms_deform_attn forward ({value.device.type} kernel)"):
-        return ext.forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+        return ext.forward(*args)
 
 
 @_native_forward.register_fake
-def _native_forward_fake(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+def _native_forward_fake(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+                         variant="default"):
     B, _, H, D = value.shape
     return value.new_empty(B, sampling_locations.shape[1], H * D)
 
@@ -63,26 +73,36 @@ def _native_backward(
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
     grad_output: torch.Tensor,
+    variant: str = "default",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from . import build
 
     check_level_values(spatial_shapes, level_start_index, value.shape[1])
+    _, kernel = variants.pass_kernels("ms_deform_attn", variant)
+    args = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_output)
+    if kernel != "default" and value.device.type == "cuda":
+        ext = variants.load_variants("ms_deform_attn")
+        reason = ext.tiled_unsupported(value.shape[3], value.dtype == torch.float64, attention_weights.numel())
+        if not reason:
+            with torch.profiler.record_function(f"maskformers::ms_deform_attn backward (cuda kernel, {kernel})"):
+                return tuple(getattr(ext, f"backward_{kernel}")(*args))
+        variants.not_applicable("ms_deform_attn", kernel, reason)
     ext = build.load_extension(value.device.type)
     with torch.profiler.record_function(f"maskformers::ms_deform_attn backward ({value.device.type} kernel)"):
-        grad_value, grad_locations, grad_weights = ext.backward(
-            value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_output
-        )
+        grad_value, grad_locations, grad_weights = ext.backward(*args)
     return grad_value, grad_locations, grad_weights
 
 
 @_native_backward.register_fake
-def _native_backward_fake(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_output):
+def _native_backward_fake(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_output,
+                          variant="default"):
     return torch.empty_like(value), torch.empty_like(sampling_locations), torch.empty_like(attention_weights)
 
 
 def _setup_context(ctx, inputs, output):
-    value, spatial_shapes, level_start_index, sampling_locations, attention_weights = inputs
+    value, spatial_shapes, level_start_index, sampling_locations, attention_weights, variant = inputs
     ctx.save_for_backward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    ctx.variant = variant
 
 
 def check_no_double_backward(op: str, *tensors: torch.Tensor | None) -> None:
@@ -104,9 +124,10 @@ def _backward(ctx, grad_output):
     value, spatial_shapes, level_start_index, sampling_locations, attention_weights = ctx.saved_tensors
     check_no_double_backward("ms_deform_attn", grad_output, value, sampling_locations, attention_weights)
     grad_value, grad_locations, grad_weights = _native_backward(
-        value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_output.contiguous()
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_output.contiguous(),
+        ctx.variant,
     )
-    return grad_value, None, None, grad_locations, grad_weights
+    return grad_value, None, None, grad_locations, grad_weights, None
 
 
 _native_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -199,7 +220,9 @@ def ms_deform_attn(
     NaN or +-inf sampling locations propagate as in grid_sample, on both backends: the output row of that
     (query, head) becomes NaN, and so do the sample's attention-weight gradient and the gradient of the
     other coordinate of its location. The native backend has first derivatives only; a backward with
-    ``create_graph=True`` through it raises and names the reference backend, which supports it.
+    ``create_graph=True`` through it raises and names the reference backend, which supports it. On CUDA
+    the native backend runs the kernel variant chosen by ``maskformers.ops.use_kernel_variant`` or
+    ``MASKFORMERS_MSDA_VARIANT`` (default: the default kernels; see ``kernel_variants()``).
     """
     if not isinstance(spatial_shapes, torch.Tensor):
         if level_start_index is not None:
@@ -219,10 +242,12 @@ def ms_deform_attn(
             None if shapes is not None else level_start_index, sampling_locations, attention_weights,
         )
     cdt = coord_dtype(value.dtype)
+    variant = variants.current_variant("ms_deform_attn") if value.device.type == "cuda" else "default"
     return _native_forward(
         value.contiguous(),
         spatial_shapes.to(device="cpu", dtype=torch.int64),
         level_start_index.to(device="cpu", dtype=torch.int64),
         sampling_locations.to(cdt).contiguous(),
         attention_weights.to(cdt).contiguous(),
+        variant,
     )
