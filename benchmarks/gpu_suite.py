@@ -20,12 +20,15 @@ on; a section that would not fit the time budget, ``--budget`` seconds, is skipp
    bfloat16 autocast and in bfloat16 (and compiled, not with --quick). Same weights (a transformers
    checkpoint loaded by both); max difference to transformers' float32 output at 640.
 5. ops: ms_deform_attn at the Mask2Former encoder shapes and neighborhood attention at DiNAT-L shapes,
-   forward and forward+backward, native kernel against the reference, plus every kernel variant listed in
-   ``OP_VARIANTS`` (the kernel work's flags), each checked against the reference before it is timed.
+   forward and forward+backward, the default native kernel against the reference. (The correctness section
+   also checks every kernel variant of ``maskformers.ops.kernel_variants()``, forward and gradients.)
 6. training: one step (forward, matching, losses, backward, AdamW) under bfloat16 autocast, Mask2Former
    swin-tiny, 2 crops of 640 and 8 of 384, ours against transformers' own loss: time and peak memory.
 7. post-processing: panoptic, instance and semantic on the GPU for a batch of 8 at 1024, time and the
    number of host synchronisations per call.
+8. kernels: every CUDA kernel variant beside the default kernel, FlexAttention (neighborhood attention) and
+   the original Deformable-DETR op (when ``python benchmarks/original_msda.py fetch`` has put its source in the
+   git-ignored benchmarks/_original: carry that folder to the GPU machine), the op benchmarks' ``run()``.
 
 Prints one markdown table and writes JSON (``--out``, default benchmarks/results/gpu_suite.json) after
 every row, so an interrupted run keeps what it measured.
@@ -53,12 +56,23 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from machine import cpu_model  # noqa: E402
 
-# Kernel variants behind flags (the kernel work adds them here): (op, variant name, environment variables that
-# switch it on). Each is built and loaded with those variables set, checked against the float64 reference,
-# and timed next to the default native kernel at the same shapes. An unknown flag simply times the default.
-OP_VARIANTS: list[tuple[str, str, dict[str, str]]] = [
-    # ("neighborhood_attention", "tensor cores", {"MASKFORMERS_NA_TENSOR_CORES": "1"}),
-]
+# Kernel variants behind flags (maskformers.ops.kernel_variants()): (op, variant name, the environment variable
+# that selects it). Each is checked against the float64 reference (forward and every gradient, in the dtypes it
+# runs); the "kernels" section times them all beside the default kernel, FlexAttention and the original
+# Deformable-DETR op (the run() of benchmarks/ms_deform_attn.py and neighborhood_attention.py).
+VARIANT_ENV = {"ms_deform_attn": "MASKFORMERS_MSDA_VARIANT", "neighborhood_attention": "MASKFORMERS_NA_VARIANT"}
+# the tensor-core kernels run bfloat16 / float16 only (other dtypes fall back, an error under strict ops)
+VARIANT_DTYPES = {"neighborhood_attention": ("bfloat16", "float16")}
+
+
+def op_variants() -> list[tuple[str, str, dict[str, str]]]:
+    from maskformers.ops import kernel_variants
+
+    return [(op, name, {VARIANT_ENV[op]: name}) for op, names in kernel_variants().items() for name in names
+            if name != "default"]
+
+
+OP_VARIANTS: list[tuple[str, str, dict[str, str]]] = op_variants()
 
 OPS = ("ms_deform_attn", "neighborhood_attention")
 # "the task is panoptic" as CLIP ids, zero-padded to 77 (OneFormer's processor)
@@ -289,12 +303,54 @@ def _check_op(s: Suite, op: str, variant: str = "native") -> None:
         s.row("correctness", f"{op} NaN key", variant, ok=bool(torch.equal(got, want)), nan_outputs=int(want.sum()))
 
 
+def _check_variant(s: Suite, op: str, variant: str) -> None:
+    """A kernel variant (its environment already set) against the float64 reference: output and every input's
+    gradient, in each dtype it runs, at the bound of the default kernel's check; NaN/Inf propagation."""
+    for name in VARIANT_DTYPES.get(op, tuple(DTYPES)):
+        dtype = DTYPES[name]
+        if op == "ms_deform_attn":
+            levels = [(5, 7), (3, 4)]
+            args = msda_inputs(levels, 2, 9, heads=2, dim=8, dtype=dtype, device=s.device, grad=True)
+            run = lambda backend, *a: msda(backend, levels, *a)  # noqa: E731
+        else:
+            args = na_inputs((9, 11), 2, dim=16, kernel=3, dtype=dtype, device=s.device, grad=True)
+            run = lambda backend, *a: na(backend, 3, 2, *a)  # noqa: E731
+        got = run("native", *args)
+        grad = torch.randn_like(got)
+        got_grads = torch.autograd.grad(got, args, grad)
+        exact = [t.detach().double().requires_grad_(True) for t in args]
+        want = run("reference", *exact)
+        want_grads = torch.autograd.grad(want, exact, grad.double())
+        errors = [(got.double() - want).abs().max().item()] + [
+            ((g.double() - w).abs().max() / w.abs().max().clamp_min(1e-12)).item()
+            for g, w in zip(got_grads, want_grads)]
+        s.row("correctness", f"{op} variant vs float64 reference (fwd, grads)", f"{variant} {name}",
+              max_abs_err=errors[0], max_rel_grad_err=max(errors[1:]), ok=max(errors) <= 2 * TOLERANCE[name])
+
+
 def section_correctness(s: Suite) -> None:
     for op in OPS:
         _check_op(s, op)
     for op, variant, env in OP_VARIANTS:
         with environment(env):
-            _check_op(s, op, variant)
+            _check_variant(s, op, variant)
+
+
+def section_kernels(s: Suite) -> None:
+    """Every CUDA kernel variant with FlexAttention (neighborhood attention) and the original Deformable-DETR op
+    (when ``benchmarks/_original`` holds it: ``python benchmarks/original_msda.py fetch``), the op benchmarks'
+    own tables (``run()`` of benchmarks/ms_deform_attn.py and neighborhood_attention.py)."""
+    import ms_deform_attn as msda_bench
+    import neighborhood_attention as na_bench
+
+    quick = s.args.quick
+    for module in (msda_bench, na_bench):
+        for row in module.run(device="cuda", quick=quick):
+            case = " ".join(f"{k}={row[k]}" for k in ("image", "levels", "stage", "map", "heads", "dilation", "batch",
+                                                      "dtype", "locations", "pass") if k in row)
+            s.row("kernels", f"{row['op']} {case}", "every implementation", ms_by_impl=row["ms"],
+                  kernel_ms=row["kernel_ms"], skipped=row["skipped"],
+                  **{k: row[k] for k in ("floor_ms", "vs_default", "vs_flex") if k in row})
 
 
 # --- whole models
@@ -466,9 +522,8 @@ def section_ops(s: Suite) -> None:
     na_cases = [((12, 14), 2, 1, 3)] if smoke else [  # DiNAT-L at 512x512: stages 1 and 2, kernel 11
         ((128, 128), 6, 1, 11), ((128, 128), 6, 10, 11), ((64, 64), 12, 5, 11)]
 
-    def impls(op):  # the reference, the default native kernel, the op's variants
-        return [("reference", "reference", {}), ("native", "native", {})] + [
-            (name, "native", env) for variant_op, name, env in OP_VARIANTS if variant_op == op]
+    def impls(op):  # the reference and the default native kernel (the variants: section "kernels")
+        return [("reference", "reference", {}), ("native", "native", {})]
 
     for image, batch in msda_cases:
         levels = [image] if smoke else [(image // d, image // d) for d in (32, 16, 8)]
@@ -592,11 +647,12 @@ def main(argv=None) -> int:
         ("training", lambda: section_training(s), 60, False),
         ("models 1024 b8", lambda: section_models(s, large), 90, False),
         ("postprocess", lambda: section_postprocess(s), 20, False),
+        ("kernels", lambda: section_kernels(s), 60, True),
         ("extras", lambda: section_models(s, small + large, extras=True), 120, False),
     ]
     skip = set() if args.only is None else {name for name, *_ in sections} - set(args.only) - {"environment"}
     if (args.quick or args.smoke) and args.only is None:
-        skip |= {"models 1024 b8", "extras"}
+        skip |= {"models 1024 b8", "extras"} | ({"kernels"} if args.smoke else set())
     for name, run, needs_s, cuda_only in sections:
         if name in skip:
             s.data["sections"][name] = {"status": "skipped: not asked for"}
