@@ -126,6 +126,10 @@ def test_mask_ap_hand_made():
     assert MaskAP(class_ids=[0]).compute()["AP"] is None  # no ground truth at all
 
 
+# evaluate_model preprocesses by the model's settings: the oracles' keep the 64x64 scenes at their size
+IDENTITY_RESIZE = {"size": {"max_height": 64, "max_width": 64}, "size_divisor": 0}
+
+
 def _oracle_logits(segments_per_image, shape, *, queries=12, num_classes=8):
     """class (B, Q, K+1) and full-resolution mask (B, Q, H, W) logits that reproduce the given segments
     ``[[(label, mask (h, w)), ...] per image]``: each segment one confident query, the rest "no object"."""
@@ -151,6 +155,7 @@ def test_evaluate_model_end_to_end_on_a_perfect_oracle():
 
     class Oracle(torch.nn.Module):
         num_classes = 8
+        preprocessor_config = IDENTITY_RESIZE  # the oracle answers at the image's own size
 
         def __init__(self):
             super().__init__()
@@ -210,6 +215,7 @@ def test_evaluate_oneformer_on_an_oracle(clip_folder, monkeypatch):
 
     class OneFormerOracle(torch.nn.Module):
         num_classes = 8
+        preprocessor_config = IDENTITY_RESIZE
 
         def __init__(self):
             super().__init__()
