@@ -213,21 +213,24 @@ def test_build_ops_rebuild_deletes_the_cache_first(cache_copy, fresh_build_state
 def test_build_ops_defaults_to_what_runs_here(monkeypatch, capsys, gpu):
     requested = []
 
-    def fake_load(device_type, op=build.DEFAULT_OP):
-        requested.append((op, device_type))
+    def fake_load(device_type, op=build.DEFAULT_OP, variants=False):
+        requested.append((op, device_type, variants))
         raise build.NativeOpUnavailable("not built in this test")
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
     monkeypatch.setattr(build, "load_extension", fake_load)
-    monkeypatch.setattr(build, "build_plan", lambda device_type, op=build.DEFAULT_OP: None)
+    monkeypatch.setattr(build, "build_plan", lambda device_type, op=build.DEFAULT_OP, variants=False: None)
     monkeypatch.setattr(build, "is_built", lambda plan: False)
     build.main([])
-    devices = {device for _, device in requested}
+    devices = {device for _, device, _ in requested}
     assert devices == ({"cpu", "cuda"} if gpu else {"cpu"})
-    assert {op for op, _ in requested} == set(build.OPS)
+    assert {op for op, _, _ in requested} == set(build.OPS) and not any(v for _, _, v in requested)
     requested.clear()
     build.main(["--device", "cuda"])  # asked for explicitly: built without a GPU (TORCH_CUDA_ARCH_LIST)
-    assert {device for _, device in requested} == {"cuda"}
+    assert {device for _, device, _ in requested} == {"cuda"}
+    requested.clear()
+    build.main(["--device", "cuda", "--variants"])  # and the kernel variants' extension of each op
+    assert sorted(requested) == sorted((op, "cuda", variants) for op in build.OPS for variants in (False, True))
 
 
 def test_first_compile_says_so_once_on_stderr(monkeypatch, tmp_path, fresh_build_state, capsys):
