@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -113,27 +112,14 @@ def hf_preprocessor_config(model: nn.Module) -> tuple[dict[str, Any], list[str]]
 def _clip_tokenizer(model: nn.Module, tokenizer: Any) -> Any:
     """A ``CLIPTokenizer``: ``tokenizer`` (itself, a folder or a BPE merge file), else the files the model
     brought from its checkpoint folder."""
-    from .processing.clip_tokenizer import CLIPTokenizer
+    from .processing.clip_tokenizer import find_clip_tokenizer
 
-    if isinstance(tokenizer, CLIPTokenizer):
-        return tokenizer
-    if tokenizer is not None:
-        path = Path(tokenizer)
-        if path.is_dir():
-            return CLIPTokenizer.from_pretrained(path)
-        if path.is_file():
-            return CLIPTokenizer.from_bpe_file(path)
-        raise ValueError(f"tokenizer={str(tokenizer)!r} is neither a CLIPTokenizer, a folder nor a BPE merge file")
-    files = getattr(model, "extra_files", {})
-    if {"vocab.json", "merges.txt"} <= set(files) or "tokenizer.json" in files:
-        with tempfile.TemporaryDirectory() as tmp:
-            for name in ("vocab.json", "merges.txt", "tokenizer.json"):
-                if name in files:
-                    (Path(tmp) / name).write_bytes(files[name])
-            return CLIPTokenizer.from_pretrained(tmp)
-    raise ValueError("cannot export a OneFormer to transformers without its CLIP tokenizer: this model carries no "
-                     "tokenizer files; pass tokenizer= (a CLIPTokenizer, a folder with vocab.json + merges.txt, or "
-                     "CLIP's bpe_simple_vocab_16e6.txt.gz)")
+    found = find_clip_tokenizer(tokenizer, model=model)
+    if found is None:
+        raise ValueError("cannot export a OneFormer to transformers without its CLIP tokenizer: this model carries "
+                         "no tokenizer files; pass tokenizer= (a CLIPTokenizer, a folder with vocab.json + "
+                         "merges.txt, or CLIP's bpe_simple_vocab_16e6.txt.gz)")
+    return found
 
 
 def _tokenizer_files(model: nn.Module, tokenizer: Any, processor: Mapping[str, Any]) -> dict[str, bytes]:

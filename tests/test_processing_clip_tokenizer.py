@@ -163,3 +163,21 @@ def test_from_bpe_file_builds_the_released_vocabulary(vocab_dir, ours, tmp_path)
     short.write_text("#version\na b\n", encoding="utf-8")
     with pytest.raises(ValueError, match="not CLIP's BPE merge list"):
         CLIPTokenizer.from_bpe_file(short)
+
+
+def test_find_clip_tokenizer_takes_each_source_and_names_a_bad_one(vocab_dir, ours, tmp_path):
+    from types import SimpleNamespace
+
+    from maskformers.processing.clip_tokenizer import find_clip_tokenizer
+    from oneformer_helpers import clip_bpe_file
+
+    assert find_clip_tokenizer(ours) is ours
+    sentence = "a photo with a traffic light"
+    for spec in (vocab_dir, clip_bpe_file()):  # a folder, CLIP's merge list
+        assert torch.equal(find_clip_tokenizer(spec)(sentence), ours(sentence))
+    carried = SimpleNamespace(extra_files=ours.files())  # a model loaded from a folder, or fine-tuned
+    assert torch.equal(find_clip_tokenizer(model=carried)(sentence), ours(sentence))
+    assert find_clip_tokenizer(model=SimpleNamespace(extra_files={"vocab.json": b"{}"})) is None
+    assert find_clip_tokenizer(model=object()) is None
+    with pytest.raises(ValueError, match="'.*missing' is neither a CLIPTokenizer, a folder nor a BPE merge file"):
+        find_clip_tokenizer(tmp_path / "missing")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,6 +19,7 @@ from .backbone import build_backbone
 from .builders import build_pixel_decoder, build_transformer_decoder, check_backbone
 from .config import SWIN_SPECS, Mask2FormerConfig
 from .pixel_decoder import MSDeformAttnPixelDecoder
+from .pretrained import PretrainedMixin
 from .transformer_decoder import MultiScaleMaskedTransformerDecoder
 
 __all__ = [
@@ -63,7 +63,7 @@ class Mask2FormerOutput:
 torch.export.register_dataclass(Mask2FormerOutput)
 
 
-class Mask2Former(nn.Module):
+class Mask2Former(PretrainedMixin, nn.Module):
     """Mask2Former for panoptic, instance and semantic segmentation.
 
     backbone: returns a list of (B, C_i, H_i, W_i) maps ordered by increasing stride; pixel_decoder and
@@ -72,6 +72,8 @@ class Mask2Former(nn.Module):
     Parameters of its own: ``query_feat`` (content) and ``query_embed`` (position), Embedding Q x C:
     the learned initial queries given to the decoder.
     """
+
+    checkpoint_type = "mask2former"
 
     def __init__(
         self,
@@ -129,31 +131,6 @@ class Mask2Former(nn.Module):
         return Mask2FormerOutput(
             class_logits=class_logits, mask_logits=mask_logits, aux_outputs=aux, hidden_states=hidden_states
         )
-
-    @classmethod
-    def from_pretrained(cls, name_or_path: str | Path, **kwargs: Any) -> Mask2Former:
-        """Load a Mask2Former checkpoint: a hub id (``facebook/mask2former-swin-tiny-coco-panoptic``), a
-        local folder in transformers' layout, or a folder written by :meth:`save_pretrained`. See
-        :func:`maskformers.hub.from_pretrained` for the keyword arguments."""
-        from ..hub import from_pretrained
-
-        return from_pretrained(name_or_path, model_type="mask2former", **kwargs)
-
-    def save_pretrained(self, folder: str | Path, *, format: str = "maskformers", **options: Any) -> Path:
-        """Write ``model.safetensors`` (our parameter names) and ``maskformers_config.json``; with
-        ``format="transformers"`` the folder transformers' ``from_pretrained`` reads. See
-        :func:`maskformers.hub.save_pretrained` for ``options``."""
-        from ..hub import save_pretrained
-
-        return save_pretrained(self, folder, format=format, **options)
-
-    def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
-        """Upload to the hub repository ``repo_id`` (``NAMESPACE/NAME``, created if missing) with a model card;
-        returns the commit URL. Keywords: ``private``, ``token``, ``commit_message``, ``endpoint`` (see
-        :func:`maskformers.publish.push_to_hub`)."""
-        from ..publish import push_to_hub
-
-        return push_to_hub(self, repo_id, **kwargs)
 
 
 def build_mask2former(

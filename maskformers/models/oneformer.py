@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,6 +25,7 @@ from .backbone import build_backbone
 from .builders import build_pixel_decoder, build_transformer_decoder, check_backbone
 from .config import SWIN_SPECS, OneFormerConfig
 from .pixel_decoder import MSDeformAttnPixelDecoder
+from .pretrained import PretrainedMixin
 from .query_transformer import QueryTransformer
 from .task_encoder import TaskEncoder
 from .text_mapper import TextMapper
@@ -71,12 +71,14 @@ class OneFormerOutput:
 torch.export.register_dataclass(OneFormerOutput)
 
 
-class OneFormer(nn.Module):
+class OneFormer(PretrainedMixin, nn.Module):
     """OneFormer for task-conditioned semantic, instance and panoptic segmentation.
 
     Parameters of its own: ``query_embed`` (Embedding Q x C, the queries' position embeddings),
     ``task_encoder``, ``query_transformer`` and, for training, ``text_mapper`` (or None).
     """
+
+    checkpoint_type = "oneformer"
 
     def __init__(
         self,
@@ -157,31 +159,6 @@ class OneFormer(nn.Module):
             class_logits=class_logits, mask_logits=mask_logits, aux_outputs=aux, hidden_states=hidden_states,
             task_token=task_token, contrastive_queries=queries, text_queries=text_queries,
         )
-
-    @classmethod
-    def from_pretrained(cls, name_or_path: str | Path, **kwargs: Any) -> OneFormer:
-        """Load a OneFormer checkpoint: a hub id (``shi-labs/oneformer_ade20k_swin_tiny``), a local folder in
-        transformers' layout, or a folder written by :meth:`save_pretrained`. See
-        :func:`maskformers.hub.from_pretrained` for the keyword arguments."""
-        from ..hub import from_pretrained
-
-        return from_pretrained(name_or_path, model_type="oneformer", **kwargs)
-
-    def save_pretrained(self, folder: str | Path, *, format: str = "maskformers", **options: Any) -> Path:
-        """Write ``model.safetensors`` (our parameter names) and ``maskformers_config.json``; with
-        ``format="transformers"`` the folder transformers' ``from_pretrained`` reads. See
-        :func:`maskformers.hub.save_pretrained` for ``options``."""
-        from ..hub import save_pretrained
-
-        return save_pretrained(self, folder, format=format, **options)
-
-    def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
-        """Upload to the hub repository ``repo_id`` (``NAMESPACE/NAME``, created if missing) with a model card;
-        returns the commit URL. Keywords: ``private``, ``token``, ``commit_message``, ``endpoint`` (see
-        :func:`maskformers.publish.push_to_hub`)."""
-        from ..publish import push_to_hub
-
-        return push_to_hub(self, repo_id, **kwargs)
 
 
 def build_oneformer(

@@ -33,10 +33,11 @@ import json
 import os
 import unicodedata
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
-__all__ = ["CLIPTokenizer", "bytes_to_unicode"]
+__all__ = ["CLIPTokenizer", "bytes_to_unicode", "find_clip_tokenizer"]
 
 START_TOKEN = "<|startoftext|>"
 END_TOKEN = "<|endoftext|>"
@@ -269,3 +270,29 @@ class CLIPTokenizer:
     def __repr__(self) -> str:
         return (f"CLIPTokenizer(vocab_size={len(self.vocab)}, merges={len(self.ranks)}, "
                 f"context_length={self.context_length})")
+
+
+def find_clip_tokenizer(spec: Any = None, *, model: Any = None) -> CLIPTokenizer | None:
+    """A OneFormer's CLIP tokenizer. ``spec``: a :class:`CLIPTokenizer`, a folder (``vocab.json`` + ``merges.txt``,
+    or ``tokenizer.json``) or CLIP's BPE merge list (``bpe_simple_vocab_16e6.txt.gz``); anything else is a
+    ValueError. Without ``spec``: the tokenizer files ``model`` brought from its checkpoint folder
+    (``model.extra_files``, also set by fine-tuning), else None."""
+    import tempfile
+
+    if isinstance(spec, CLIPTokenizer):
+        return spec
+    if spec is not None:
+        if os.path.isdir(spec):
+            return CLIPTokenizer.from_pretrained(spec)
+        if os.path.isfile(spec):
+            return CLIPTokenizer.from_bpe_file(spec)
+        raise ValueError(f"tokenizer {os.fspath(spec)!r} is neither a CLIPTokenizer, a folder nor a BPE merge file")
+    files = getattr(model, "extra_files", None) or {}
+    names = [name for name in ("vocab.json", "merges.txt", "tokenizer.json") if name in files]
+    if not ({"vocab.json", "merges.txt"} <= set(names) or "tokenizer.json" in names):
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            with open(os.path.join(tmp, name), "wb") as f:
+                f.write(files[name])
+        return CLIPTokenizer.from_pretrained(tmp)

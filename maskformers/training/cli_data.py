@@ -226,22 +226,17 @@ def new_model(spec: str, *, id2label: dict[int, str], seed: int = 0) -> Any:
 
 
 def load_tokenizer(spec: str | None, model: Any) -> Any:
-    """A OneFormer's CLIP tokenizer: ``--tokenizer`` (folder or BPE merge file), else its checkpoint folder's."""
-    from ..processing.clip_tokenizer import CLIPTokenizer
+    """A OneFormer's CLIP tokenizer: ``--tokenizer`` (folder or BPE merge file), else the tokenizer files the model
+    carries from its checkpoint folder."""
+    from ..processing.clip_tokenizer import find_clip_tokenizer
 
-    if spec is not None:
-        path = Path(spec)
-        if path.is_dir():
-            return CLIPTokenizer.from_pretrained(path)
-        if path.is_file():
-            return CLIPTokenizer.from_bpe_file(path)
-        raise UsageError(f"--tokenizer {spec}: no such folder or file")
+    try:
+        found = find_clip_tokenizer(spec, model=model)
+    except ValueError:
+        raise UsageError(f"--tokenizer {spec}: no such folder or file") from None
+    if found is not None:
+        return found
     folder = getattr(model, "source_folder", None)
-    if folder is not None:
-        try:
-            return CLIPTokenizer.from_pretrained(folder)
-        except FileNotFoundError:
-            pass
     where = "" if folder is None else f"; {folder} has none"
     raise UsageError("a OneFormer needs its CLIP tokenizer: pass --tokenizer FOLDER (vocab.json + merges.txt, e.g. "
                      "a OneFormer hub checkpoint) or --tokenizer bpe_simple_vocab_16e6.txt.gz (CLIP's merge list, "
