@@ -157,6 +157,29 @@ __device__ __forceinline__ void stage_rows(T* __restrict__ dst, const T* __restr
   }
 }
 
+// out (16 x N, row-major, leading dimension N) = A (this warp's 16 rows of D) x B^T (N rows of D), tiles of
+// 16, fp32 accumulation; A and B are row-major shared-memory tiles with rows of D. B is read first: on the CPU
+// emulator a missing barrier after B's staging then reads stale rows (a read after another warp-collective
+// call would hide it).
+template <typename T, int D, int N>
+__device__ __forceinline__ void warp_a_bt(const T* a, const T* b, float* out) {
+  namespace wmma = nvcuda::wmma;
+#pragma unroll
+  for (int j = 0; j < N / 16; ++j) {
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+    wmma::fill_fragment(acc, 0.f);
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;
+      wmma::load_matrix_sync(fb, b + j * 16 * D + kk * 16, D);
+      wmma::load_matrix_sync(fa, a + kk * 16, D);
+      wmma::mma_sync(acc, fa, fb, acc);
+    }
+    wmma::store_matrix_sync(out + j * 16, acc, N, wmma::mem_row_major);
+  }
+}
+
 template <typename scalar_t, int D>
 __global__ void __launch_bounds__(kThreads)
     tensor_core_forward_kernel(const scalar_t* __restrict__ query, const scalar_t* __restrict__ key,
@@ -238,21 +261,7 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();
 
     // S = Q K^T for this warp's 16 queries
-    for (int j = 0; j < KC / 16; ++j) {
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-      wmma::fill_fragment(acc, 0.f);
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> bt;
-        // the chunk's keys are read first: on the CPU emulator a missing barrier after their staging then
-        // reads stale rows (a read after another warp-collective call would hide it)
-        wmma::load_matrix_sync(bt, k_s + j * 16 * D + kk * 16, D);
-        wmma::load_matrix_sync(a, q_s + warp * 16 * D + kk * 16, D);
-        wmma::mma_sync(acc, a, bt, acc);
-      }
-      wmma::store_matrix_sync(s_s + warp * 16 * KC + j * 16, acc, KC, wmma::mem_row_major);
-    }
+    warp_a_bt<T, D, KC>(q_s + warp * 16 * D, k_s, s_s + warp * 16 * KC);
     __syncwarp();
 
     // streaming softmax over this warp's rows, one row at a time, the lanes over the chunk's columns
@@ -442,26 +451,9 @@ __global__ void __launch_bounds__(kThreads)
     stage_rows<D>(v_s, reinterpret_cast<const T*>(value), KC, vec, key_row);
     __syncthreads();
 
-    // S = Q K^T and dP = dO V^T for this warp's 16 queries (keys and values read first, see the forward)
-#pragma unroll
-    for (int j = 0; j < KC / 16; ++j) {
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> s, dp;
-      wmma::fill_fragment(s, 0.f);
-      wmma::fill_fragment(dp, 0.f);
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> bt;
-        wmma::load_matrix_sync(bt, k_s + j * 16 * D + kk * 16, D);
-        wmma::load_matrix_sync(a, q_s + warp * 16 * D + kk * 16, D);
-        wmma::mma_sync(s, a, bt, s);
-        wmma::load_matrix_sync(bt, v_s + j * 16 * D + kk * 16, D);
-        wmma::load_matrix_sync(a, do_s + warp * 16 * D + kk * 16, D);
-        wmma::mma_sync(dp, a, bt, dp);
-      }
-      wmma::store_matrix_sync(s_s + warp * 16 * KC + j * 16, s, KC, wmma::mem_row_major);
-      wmma::store_matrix_sync(dp_s + warp * 16 * KC + j * 16, dp, KC, wmma::mem_row_major);
-    }
+    // S = Q K^T and dP = dO V^T for this warp's 16 queries
+    warp_a_bt<T, D, KC>(q_s + warp * 16 * D, k_s, s_s + warp * 16 * KC);
+    warp_a_bt<T, D, KC>(do_s + warp * 16 * D, v_s, dp_s + warp * 16 * KC);
     __syncwarp();
 
     // dS row by row, one column per lane
@@ -589,26 +581,9 @@ __global__ void __launch_bounds__(kThreads)
     stage_rows<D>(do_s, reinterpret_cast<const T*>(grad_out), QC, vec, chunk_row);
     __syncthreads();
 
-    // S^T = K Q^T and dP^T = V dO^T for this warp's 16 keys (the chunk's rows read first)
-#pragma unroll
-    for (int j = 0; j < QC / 16; ++j) {
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> s, dp;
-      wmma::fill_fragment(s, 0.f);
-      wmma::fill_fragment(dp, 0.f);
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> bt;
-        wmma::load_matrix_sync(bt, q_s + j * 16 * D + kk * 16, D);
-        wmma::load_matrix_sync(a, k_s + warp * 16 * D + kk * 16, D);
-        wmma::mma_sync(s, a, bt, s);
-        wmma::load_matrix_sync(bt, do_s + j * 16 * D + kk * 16, D);
-        wmma::load_matrix_sync(a, v_s + warp * 16 * D + kk * 16, D);
-        wmma::mma_sync(dp, a, bt, dp);
-      }
-      wmma::store_matrix_sync(st_s + warp * 16 * QC + j * 16, s, QC, wmma::mem_row_major);
-      wmma::store_matrix_sync(dpt_s + warp * 16 * QC + j * 16, dp, QC, wmma::mem_row_major);
-    }
+    // S^T = K Q^T and dP^T = V dO^T for this warp's 16 keys
+    warp_a_bt<T, D, QC>(k_s + warp * 16 * D, q_s, st_s + warp * 16 * QC);
+    warp_a_bt<T, D, QC>(v_s + warp * 16 * D, do_s, dpt_s + warp * 16 * QC);
     __syncwarp();
 
     // P^T and dS^T row by row (a key per row), the lanes over the chunk's queries
